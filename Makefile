@@ -1,0 +1,33 @@
+# bids_fmrilm — set-up, demo and tests. Everything the project needs is installed from here.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# torch first: the CPU build on local disk; a range admitting a newer torch would pull a CUDA build
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bids_fmrilm --version
+	$(PY) -m bids_fmrilm.demo --out demo_out
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(PY) benchmarks/parcellation.py
+
+clean:
+	rm -rf $(VENV) demo_out build *.egg-info

@@ -1,0 +1,222 @@
+"""Writing BIDS-Derivatives: BIDS names, atomic files, a shared ``dataset_description.json``.
+
+Every file is written to a temporary name in its destination folder and renamed into place, so a
+killed process leaves no half-written output, and a file that exists is complete. Several
+participant-level processes may share one output folder: the dataset-level files are written
+under an exclusive file lock and merged, never clobbered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import gzip
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from .. import __version__
+from ..errors import CantCreateError, IOFailure
+from .layout import ENTITY_ORDER, Run
+
+CODE_URL = "https://github.com/bids-fmrilm/bids_fmrilm"
+BIDSIGNORE = [
+    "*_timeseries.tsv.gz",
+    "*_timeseries.json",
+    "*_features.json",
+    "*_tokens.tsv.gz",
+    "*_tokens.json",
+    "*_embedding.tsv.gz",
+    "*_embedding.json",
+    "*_description.json",
+    "*_predictions.tsv",
+    "*_predictions.json",
+    "*_forecast.tsv.gz",
+    "*_forecast.json",
+    "*.html",
+    "figures/",
+    "group/",
+    "logs/",
+    "atlas-*_dseg.tsv",
+    ".bids_fmrilm.lock",
+]
+
+
+def _os_error(exc: OSError, path: Path) -> Exception:
+    if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+        return CantCreateError(f"cannot write here ({exc.strerror})", path=path,
+                               fix="choose a writable OUTPUT_DIR")
+    if exc.errno == errno.ENOSPC:
+        return IOFailure("no space left on device", path=path, fix="free disk space or choose another OUTPUT_DIR")
+    return IOFailure(f"cannot write ({exc.strerror or exc})", path=path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise _os_error(exc, path) from None
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        tmp_path.unlink(missing_ok=True)
+        raise _os_error(exc, path) from None
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: Path, data: bytes) -> Path:
+    """Write bytes atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write JSON atomically (sorted keys off: readers see fields in a meaningful order)."""
+    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n"
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def tsv_bytes(df: pd.DataFrame, float_format: str = "%.6g") -> bytes:
+    """TSV text of a frame, ``n/a`` for missing values."""
+    return df.to_csv(sep="\t", index=False, na_rep="n/a", float_format=float_format).encode("utf-8")
+
+
+def write_tsv(path: Path, df: pd.DataFrame, float_format: str = "%.6g") -> Path:
+    """Write a TSV (gzipped when the name ends in ``.gz``; mtime 0, so equal data give equal bytes)."""
+    data = tsv_bytes(df, float_format)
+    if str(path).endswith(".gz"):
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0) as gz:
+            gz.write(data)
+        data = buf.getvalue()
+    return write_bytes(path, data)
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """Read a JSON file; None when absent or unreadable."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+class DerivativesWriter:
+    """Names and writes the derivatives of runs under one output folder.
+
+    Parameters
+    ----------
+    output_dir : path
+        Root of the derivatives dataset (created if needed).
+    source_dir : path
+        The input dataset (recorded in ``SourceDatasets``).
+    """
+
+    def __init__(self, output_dir: str | Path, source_dir: str | Path | None = None):
+        self.root = Path(output_dir)
+        self.source_dir = Path(source_dir) if source_dir else None
+
+    def init_dataset(self, model_id: str | None = None) -> None:
+        """Create the folder, ``dataset_description.json`` and ``.bidsignore`` (safe concurrently)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _os_error(exc, self.root) from None
+        if not os.access(self.root, os.W_OK):
+            raise CantCreateError("output folder is not writable", path=self.root, fix="choose a writable OUTPUT_DIR")
+        with self._lock():
+            desc = read_json(self.root / "dataset_description.json") or {}
+            new = {
+                "Name": desc.get("Name", "bids_fmrilm derivatives"),
+                "BIDSVersion": "1.10.0",
+                "DatasetType": "derivative",
+                "GeneratedBy": [
+                    {
+                        "Name": "bids_fmrilm",
+                        "Version": __version__,
+                        "CodeURL": CODE_URL,
+                        **({"Container": {"Type": "docker", "Tag": f"bids_fmrilm:{__version__}"}}
+                           if os.environ.get("BIDS_FMRILM_CONTAINER") else {}),
+                    }
+                ],
+            }
+            sources = list(desc.get("SourceDatasets", []))
+            if self.source_dir is not None:
+                entry = {"URL": self.source_dir.resolve().as_uri()}
+                if entry not in sources:
+                    sources.append(entry)
+            if sources:
+                new["SourceDatasets"] = sources
+                new["DatasetLinks"] = {"raw": sources[0]["URL"]}
+            models = sorted(set(desc.get("ModelIDs", [])) | ({model_id} if model_id else set()))
+            if models:
+                new["ModelIDs"] = models
+            if new != desc:
+                write_json(self.root / "dataset_description.json", new)
+            ignore = self.root / ".bidsignore"
+            lines = ignore.read_text().splitlines() if ignore.exists() else []
+            merged = lines + [x for x in BIDSIGNORE if x not in lines]
+            if merged != lines:
+                write_bytes(ignore, ("\n".join(merged) + "\n").encode())
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        lock = self.root / ".bids_fmrilm.lock"
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _os_error(exc, lock) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def path(self, run: Run, suffix: str, extension: str, **entities: Any) -> Path:
+        """BIDS path of a derivative of ``run`` (source entities + given ones, in BIDS order).
+
+        Entities given as None are dropped; e.g. ``path(run, "timeseries", ".tsv.gz", atlas="CC200")``.
+        """
+        ents = dict(run.source_entities())
+        if run.space:
+            ents["space"] = run.space
+        ents.update(entities)
+        name = "_".join(f"{short}-{ents[long]}" for long, short in ENTITY_ORDER if ents.get(long) is not None)
+        folder = self.root / f"sub-{ents['subject']}"
+        if ents.get("session") is not None:
+            folder = folder / f"ses-{ents['session']}"
+        return folder / "func" / f"{name}_{suffix}{extension}"

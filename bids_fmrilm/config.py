@@ -1,0 +1,64 @@
+"""One configuration object for a BIDS-App invocation.
+
+The command line fills a :class:`Config`; every step reads the fields it needs from it. It is
+plain data, so it can be written next to the outputs and compared on re-runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class SignalSettings:
+    """Settings of the signal pipeline (atlas to cleaned ROI time series)."""
+
+    atlas: str = "seitzman300"
+    target_tr: float = 2.0
+    high_pass: float | None = 0.008
+    low_pass: float | None = None
+    detrend: bool = True
+    confound_strategy: tuple[str, ...] = ("motion", "derivatives", "wm_csf")
+    min_volumes: int = 16
+    chunk_volumes: int = 32
+    sphere_radius_mm: float = 5.0
+
+    def digest(self) -> str:
+        """Short hash of the settings, used to detect changed settings on re-runs."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=list)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+@dataclass
+class Config:
+    """Everything one ``bids_fmrilm`` call needs to know."""
+
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    participant_label: tuple[str, ...] = ()
+    session_label: tuple[str, ...] = ()
+    task: tuple[str, ...] = ()
+    bids_filters: dict[str, Any] = field(default_factory=dict)
+    derivatives: tuple[Path, ...] = ()
+    model: str | None = None
+    device: str = "auto"
+    quantization: str = "auto"
+    work_dir: Path | None = None
+    nprocs: int = 1
+    skip_bids_validation: bool = False
+    seed: int = 0
+    force: bool = False
+    label: str | None = None
+    debug: bool = False
+    signals: SignalSettings = field(default_factory=SignalSettings)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view of the configuration."""
+        d = dataclasses.asdict(self)
+        return json.loads(json.dumps(d, default=str))

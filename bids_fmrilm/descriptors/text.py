@@ -1,0 +1,236 @@
+"""Structured text descriptors from z-scored imaging features.
+
+Each z-score maps to a categorical level (:func:`level_of`, usable as a training target) and to a
+verbal phrase (:func:`verbal_level`, e.g. ``"markedly lower than average (z=-2.1)"``).
+:func:`describe` turns a run's features into a short paragraph: a fixed core set of descriptors
+(:data:`CORE_FEATURES`) plus the remaining features with the largest ``|z|``, at most
+:data:`MAX_DESCRIPTORS` sentences, each in one of several phrasings chosen by a seeded generator.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+MARKED_Z = 2.0
+"""``|z|`` at or above which a feature is *markedly* lower/higher than average."""
+
+MILD_Z = 1.0
+"""``|z|`` at or above which a feature is lower/higher than average (else typical)."""
+
+LEVELS = ("markedly_lower", "lower", "typical", "higher", "markedly_higher")
+"""Categorical levels, ordered; ``"unavailable"`` is used for missing z-scores."""
+
+UNAVAILABLE = "unavailable"
+
+LEVEL_PHRASES = {
+    "markedly_lower": "markedly lower than average",
+    "lower": "lower than average",
+    "typical": "typical",
+    "higher": "higher than average",
+    "markedly_higher": "markedly higher than average",
+    UNAVAILABLE: "unavailable",
+}
+
+CORE_FEATURES = (
+    "fc_within.mean",
+    "fc_between.mean",
+    "graph.modularity",
+    "graph.global_efficiency",
+    "falff.mean",
+    "motion.fd_mean",
+)
+"""Descriptors always included when available, in this order."""
+
+MAX_DESCRIPTORS = 10
+"""Most descriptor sentences in one description."""
+
+NETWORK_NAMES = {
+    "DefaultMode": "default mode",
+    "Visual": "visual",
+    "FrontoParietal": "frontoparietal",
+    "DorsalAttention": "dorsal attention",
+    "VentralAttention": "ventral attention",
+    "SalienceVentralAttention": "salience/ventral attention",
+    "Salience": "salience",
+    "CinguloOpercular": "cingulo-opercular",
+    "SomatomotorDorsal": "dorsal somatomotor",
+    "SomatomotorLateral": "lateral somatomotor",
+    "Somatomotor": "somatomotor",
+    "Auditory": "auditory",
+    "Reward": "reward",
+    "MedialTemporalLobe": "medial temporal lobe",
+    "ParietoMedial": "parieto-medial",
+    "Limbic": "limbic",
+    "Subcortical": "subcortical",
+    "Cerebellum": "cerebellar",
+}
+
+_FAMILY_SUBJECTS = {
+    "fc_within": "within-network connectivity of the {net} network",
+    "amplitude": "relative signal amplitude in the {net} network",
+    "alff": "low-frequency amplitude (ALFF) in the {net} network",
+    "falff": "fractional low-frequency amplitude (fALFF) in the {net} network",
+    "power_ratio": "low-to-high frequency power ratio in the {net} network",
+    "autocorr1": "temporal autocorrelation in the {net} network",
+}
+
+_GLOBAL_SUBJECTS = {
+    "fc_within.mean": "average within-network connectivity",
+    "fc_between.mean": "average between-network connectivity",
+    "fc.mean": "average whole-brain connectivity",
+    "fc.segregation": "network segregation (within minus between connectivity)",
+    "graph.global_efficiency": "global efficiency of the functional graph",
+    "graph.modularity": "modularity of the functional graph",
+    "graph.clustering": "clustering of the functional graph",
+    "graph.strength": "mean node strength of the functional graph",
+    "alff.mean": "whole-brain low-frequency amplitude (ALFF)",
+    "falff.mean": "whole-brain fractional low-frequency amplitude (fALFF)",
+    "power_ratio.mean": "whole-brain low-to-high frequency power ratio",
+    "autocorr1.mean": "whole-brain temporal autocorrelation",
+    "motion.fd_mean": "head motion (mean framewise displacement)",
+    "motion.fd_max": "peak head motion (maximum framewise displacement)",
+    "motion.fd_frac_gt_0p5": "fraction of high-motion volumes",
+}
+
+_TEMPLATES = (
+    "{Subject} is {level}.",
+    "The {subject} was {level}.",
+    "Compared with the reference population, {subject} is {level}.",
+    "{Subject}: {level}.",
+    "Relative to the reference, the {subject} appears {level}.",
+    "This run shows {subject} that is {level}.",
+)
+
+_OPENINGS = (
+    "Resting-state fMRI summary.",
+    "Summary of this fMRI run relative to the reference population.",
+    "Descriptors of this run's functional signals.",
+    "Imaging-derived description of the scan.",
+)
+
+
+def level_of(z: float | None) -> str:
+    """Categorical level of a z-score.
+
+    Parameters
+    ----------
+    z : float or None
+
+    Returns
+    -------
+    str
+        ``"markedly_lower"`` (z <= -:data:`MARKED_Z`), ``"lower"`` (z <= -:data:`MILD_Z`),
+        ``"typical"``, ``"higher"`` (z >= :data:`MILD_Z`), ``"markedly_higher"``
+        (z >= :data:`MARKED_Z`), or ``"unavailable"`` for ``None``/non-finite values.
+    """
+    if z is None:
+        return UNAVAILABLE
+    try:
+        z = float(z)
+    except (TypeError, ValueError):
+        return UNAVAILABLE
+    if not np.isfinite(z):
+        return UNAVAILABLE
+    if z <= -MARKED_Z:
+        return "markedly_lower"
+    if z <= -MILD_Z:
+        return "lower"
+    if z >= MARKED_Z:
+        return "markedly_higher"
+    if z >= MILD_Z:
+        return "higher"
+    return "typical"
+
+
+def verbal_level(z: float | None) -> str:
+    """Phrase for a z-score, e.g. ``"markedly lower than average (z=-2.1)"``."""
+    level = level_of(z)
+    if level == UNAVAILABLE:
+        return LEVEL_PHRASES[UNAVAILABLE]
+    zr = round(float(z), 1) + 0.0  # + 0.0 turns -0.0 into 0.0
+    return f"{LEVEL_PHRASES[level]} (z={zr:.1f})"
+
+
+def network_name(network: str) -> str:
+    """Human-readable network name (``"DefaultMode"`` -> ``"default mode"``)."""
+    if network in NETWORK_NAMES:
+        return NETWORK_NAMES[network]
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", network).replace("_", " ").lower()
+
+
+def feature_subject(key: str) -> str:
+    """Noun phrase naming a feature, e.g. ``"connectivity between the default mode and visual networks"``."""
+    if key in _GLOBAL_SUBJECTS:
+        return _GLOBAL_SUBJECTS[key]
+    family, _, rest = key.partition(".")
+    if family == "fc_between" and "-" in rest:
+        a, b = rest.split("-", 1)
+        return f"connectivity between the {network_name(a)} and {network_name(b)} networks"
+    if family in _FAMILY_SUBJECTS:
+        return _FAMILY_SUBJECTS[family].format(net=network_name(rest))
+    return key.replace("_", " ").replace(".", " ")
+
+
+def select_descriptors(z: Mapping[str, float | None], max_descriptors: int = MAX_DESCRIPTORS) -> list[str]:
+    """Keys to describe: available core features, then the others by decreasing ``|z|``.
+
+    Ties are broken by key name so the selection is deterministic.
+    """
+
+    def ok(k):
+        return level_of(z.get(k)) != UNAVAILABLE
+
+    chosen = [k for k in CORE_FEATURES if k in z and ok(k)][:max_descriptors]
+    rest = sorted((k for k in z if k not in chosen and ok(k)), key=lambda k: (-abs(float(z[k])), k))
+    return chosen + rest[: max(0, max_descriptors - len(chosen))]
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def describe(
+    features: Mapping[str, float | None],
+    z: Mapping[str, float | None],
+    seed: int,
+    max_descriptors: int = MAX_DESCRIPTORS,
+) -> str:
+    """Short paragraph of structured descriptor sentences for one run.
+
+    Parameters
+    ----------
+    features : dict
+        Raw feature values (used for values quoted in the text, e.g. motion in mm).
+    z : dict
+        z-scores of the same features against a reference (``None`` = unavailable).
+    seed : int
+        Seed of the phrasing choice; the same seed gives the same text, different seeds usually
+        different wordings and orders of the non-core sentences.
+    max_descriptors : int
+        Most descriptor sentences.
+
+    Returns
+    -------
+    str
+        One opening sentence and at most ``max_descriptors`` descriptor sentences.
+    """
+    rng = np.random.default_rng(seed)
+    keys = select_descriptors(z, max_descriptors)
+    n_core = sum(k in CORE_FEATURES for k in keys)
+    tail = keys[n_core:]
+    if len(tail) > 1:
+        tail = [tail[i] for i in rng.permutation(len(tail))]
+    sentences = [_OPENINGS[int(rng.integers(len(_OPENINGS)))]]
+    for key in keys[:n_core] + tail:
+        subject = feature_subject(key)
+        value = features.get(key)
+        if key == "motion.fd_mean" and value is not None:
+            subject = f"{subject} of {float(value):.2f} mm"
+        template = _TEMPLATES[int(rng.integers(len(_TEMPLATES)))]
+        sentences.append(template.format(Subject=_cap(subject), subject=subject, level=verbal_level(z[key])))
+    if len(sentences) == 1:
+        sentences.append("No imaging descriptor could be computed for this run.")
+    return " ".join(sentences)

@@ -1,0 +1,96 @@
+"""Group level: reduce over what the participant level wrote (never recomputes signals).
+
+Writes ``group/qc_runs.tsv``, one row per run found in the output folder: participant, run,
+volumes, TR, ROIs without voxels or signal, mean framewise displacement (from the run's
+confounds, else from ``participants.tsv``'s ``fd_mean``), and a JSON summary beside it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..bids.layout import strip_prefix
+from ..bids.writer import read_json, write_json, write_tsv
+from ..config import Config
+from ..errors import MissingInputError
+from .participant import check_paths
+
+log = logging.getLogger("bids_fmrilm")
+
+QC_COLUMNS = ["participant_id", "run", "file", "volumes", "source_volumes", "repetition_time",
+              "source_repetition_time", "n_rois", "rois_without_voxels", "rois_without_signal", "mean_fd"]
+
+
+def collect_qc(output_dir: Path, participants: pd.DataFrame | None = None,
+               participant_label: tuple[str, ...] = ()) -> pd.DataFrame:
+    """QC table from the participant level's ``*_timeseries.json`` sidecars."""
+    rows = []
+    subs = {strip_prefix(s, "sub") for s in participant_label}
+    fd_lookup = {}
+    if participants is not None and "fd_mean" in participants:
+        fd_lookup = dict(zip(participants["participant_id"].astype(str), pd.to_numeric(participants["fd_mean"], errors="coerce")))
+    for js in sorted(Path(output_dir).glob("sub-*/**/func/*_timeseries.json")):
+        meta = read_json(js)
+        if not meta or "RepetitionTime" not in meta:
+            continue
+        sub = js.name.split("_")[0]
+        if subs and strip_prefix(sub, "sub") not in subs:
+            continue
+        tsv = js.with_name(js.name[: -len(".json")] + ".tsv.gz")
+        n_rois = None
+        if tsv.exists():
+            n_rois = len(pd.read_csv(tsv, sep="\t", nrows=0).columns)
+        fd = meta.get("MeanFramewiseDisplacement")
+        if fd is None:
+            fd = fd_lookup.get(sub)
+        rows.append({
+            "participant_id": sub,
+            "run": js.name.split("_atlas-")[0],
+            "file": str(tsv.relative_to(output_dir)),
+            "volumes": meta.get("Volumes"),
+            "source_volumes": meta.get("SourceVolumes"),
+            "repetition_time": meta.get("RepetitionTime"),
+            "source_repetition_time": meta.get("SourceRepetitionTime"),
+            "n_rois": n_rois,
+            "rois_without_voxels": len(meta.get("ROIsWithoutVoxels", [])),
+            "rois_without_signal": len(meta.get("ROIsWithoutSignal", [])),
+            "mean_fd": None if fd is None or (isinstance(fd, float) and np.isnan(fd)) else float(fd),
+        })
+    return pd.DataFrame(rows, columns=QC_COLUMNS)
+
+
+def read_participants(bids_dir: Path) -> pd.DataFrame | None:
+    """``participants.tsv`` of the input dataset, or None."""
+    p = Path(bids_dir) / "participants.tsv"
+    if not p.exists():
+        return None
+    df = pd.read_csv(p, sep="\t", dtype={"participant_id": str}, na_values=["n/a"])
+    return df
+
+
+def run_group(cfg: Config) -> pd.DataFrame:
+    """Run the group level; returns the QC table it wrote."""
+    check_paths(cfg)
+    qc = collect_qc(cfg.output_dir, read_participants(cfg.bids_dir), cfg.participant_label)
+    if qc.empty:
+        raise MissingInputError("no participant-level outputs (*_timeseries.json) found", path=cfg.output_dir,
+                                fix="run the participant level into this OUTPUT_DIR first")
+    group = cfg.output_dir / "group"
+    write_tsv(group / "qc_runs.tsv", qc, float_format="%.6g")
+    summary = {
+        "Runs": int(len(qc)),
+        "Participants": int(qc["participant_id"].nunique()),
+        "RepetitionTimes": sorted({float(x) for x in qc["source_repetition_time"].dropna()}),
+        "MedianVolumes": float(qc["volumes"].median()),
+        "RunsWithEmptyROIs": int((qc["rois_without_voxels"] > 0).sum()),
+        "RunsWithFlatROIs": int((qc["rois_without_signal"] > 0).sum()),
+        "MeanFD": None if qc["mean_fd"].isna().all() else float(qc["mean_fd"].mean()),
+    }
+    write_json(group / "qc_runs.json", {"Description": "One row per run processed at the participant level",
+                                        "Summary": summary})
+    log.info("group QC: %d runs of %d participants -> %s", summary["Runs"], summary["Participants"], group / "qc_runs.tsv")
+    return qc

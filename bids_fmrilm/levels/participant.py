@@ -1,0 +1,195 @@
+"""Participant level: every selected run to its derivatives (a map over runs).
+
+Each run is processed independently: one bad run is reported (one line on the console, a crash
+report under ``logs/``) and never stops the others. Outputs are written atomically and the JSON
+sidecar is written last, so it marks a complete run; a re-run skips runs whose sidecar records
+the same settings, and ``--force`` redoes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..bids.layout import Run, find_runs, load_filters, read_dataset_description
+from ..bids.validate import validate_dataset
+from ..bids.writer import DerivativesWriter, read_json, write_bytes, write_json, write_tsv
+from ..config import Config
+from ..errors import BidsAppError, ExitCode, UsageError
+from ..signals.pipeline import atlas_entity, extract_signals, signals_frame
+
+log = logging.getLogger("bids_fmrilm")
+
+
+@dataclass
+class RunResult:
+    """Outcome of one run: ``status`` is ``done``, ``skipped`` or ``failed``."""
+
+    run_id: str
+    source: str
+    status: str
+    reason: str = ""
+    code: int = 0
+    outputs: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+def check_paths(cfg: Config) -> None:
+    """Refuse an output (or work) folder equal to or inside the input dataset."""
+    bids = cfg.bids_dir.resolve()
+    for name, p in (("OUTPUT_DIR", cfg.output_dir), ("--work-dir", cfg.work_dir)):
+        if p is None:
+            continue
+        rp = p.resolve()
+        if rp == bids or bids in rp.parents:
+            raise UsageError(f"{name} {p} is inside the input dataset", path=cfg.bids_dir,
+                             fix=f"choose a {name} outside BIDS_DIR (the input is never written to)")
+
+
+def select_runs(cfg: Config) -> list[Run]:
+    """Validate (raw datasets) and find the runs the command line selects."""
+    desc = read_dataset_description(cfg.bids_dir)
+    if not cfg.skip_bids_validation:
+        if str(desc.get("DatasetType", "raw")).lower() == "raw":
+            warnings = validate_dataset(cfg.bids_dir)
+            log.info("BIDS validation passed (%d warnings)", len(warnings))
+        else:
+            log.info("input is a derivatives dataset: BIDS validation skipped")
+    filters = dict(cfg.bids_filters)
+    return find_runs(cfg.bids_dir, cfg.derivatives, cfg.participant_label, cfg.session_label, cfg.task, filters)
+
+
+def settings_record(cfg: Config) -> dict[str, Any]:
+    """What a run's outputs depend on; a change forces recomputation."""
+    import dataclasses
+
+    return {"Version": __version__, "Signals": dataclasses.asdict(cfg.signals), "SettingsHash": cfg.signals.digest()}
+
+
+def process_run(run: Run, cfg: Config) -> RunResult:
+    """Compute and write the derivatives of one run; never raises for data problems."""
+    t0 = time.time()
+    writer = DerivativesWriter(cfg.output_dir, cfg.bids_dir)
+    record = settings_record(cfg)
+    try:
+        sig = None
+        # the atlas entity is needed for the names; for ROI inputs it is the input's own
+        atlas_name = run.entities.get("atlas") if run.kind == "roi" else None
+        if atlas_name is not None:
+            done = _complete(writer.path(run, "timeseries", ".json", atlas=atlas_name), record)
+            if done and not cfg.force:
+                return RunResult(run.run_id, run.relpath(), "skipped", "complete, same settings", 0, (), time.time() - t0)
+        sig = extract_signals(run, cfg.signals)
+        atlas = atlas_entity(sig)
+        ts_path = writer.path(run, "timeseries", ".tsv.gz", atlas=atlas)
+        js_path = writer.path(run, "timeseries", ".json", atlas=atlas)
+        if not cfg.force and _complete(js_path, record):
+            return RunResult(run.run_id, run.relpath(), "skipped", "complete, same settings", 0, (), time.time() - t0)
+        table = cfg.output_dir / f"atlas-{atlas}_dseg.tsv"
+        if not table.exists():
+            write_bytes(table, sig.atlas.roi_table_tsv().encode())
+        write_tsv(ts_path, signals_frame(sig))
+        meta = {
+            "RepetitionTime": sig.tr,
+            "Atlas": sig.atlas.name,
+            "AtlasSource": sig.atlas.source,
+            "AtlasDigest": sig.atlas.digest(),
+            "ROITable": table.name,
+            "Sources": [f"bids:raw:{run.relpath()}"],
+            "CleaningSteps": sig.steps,
+            "Confounds": sig.confound_names,
+            **sig.qc(),
+            **record,
+        }
+        write_json(js_path, meta)
+        return RunResult(run.run_id, run.relpath(), "done", "", 0, (str(ts_path), str(js_path)), time.time() - t0)
+    except BidsAppError as exc:
+        _crash_report(cfg, run, exc)
+        return RunResult(run.run_id, run.relpath(), "failed", exc.one_line(), int(exc.code), (), time.time() - t0)
+    except Exception as exc:  # a bug or an unforeseen input: reported, other runs go on
+        _crash_report(cfg, run, exc)
+        reason = f"{run.relpath()}: unexpected {exc.__class__.__name__}: {exc}".splitlines()[0]
+        return RunResult(run.run_id, run.relpath(), "failed", reason, int(ExitCode.ERROR), (), time.time() - t0)
+
+
+def _complete(json_path: Path, record: dict[str, Any]) -> bool:
+    meta = read_json(json_path)
+    return bool(meta) and meta.get("SettingsHash") == record["SettingsHash"] and meta.get("Version") == record["Version"]
+
+
+def _crash_report(cfg: Config, run: Run, exc: BaseException) -> None:
+    text = f"run: {run.relpath()}\nerror: {exc}\n\n" + "".join(
+        traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        write_bytes(cfg.output_dir / "logs" / f"{run.run_id}_{run.path.name.split('.')[0][-40:]}_crash.txt", text.encode())
+    except BidsAppError:
+        pass
+
+
+def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
+    """Run the participant level over all selected runs.
+
+    Returns the per-run results (also summarised on the console and in ``logs/``).
+    """
+    check_paths(cfg)
+    runs = select_runs(cfg)
+    writer = DerivativesWriter(cfg.output_dir, cfg.bids_dir)
+    writer.init_dataset()
+    results: list[RunResult] = []
+    bar = _progress(progress)
+    with bar:
+        task = bar.add_task("runs", total=len(runs))
+        if cfg.nprocs > 1 and len(runs) > 1:
+            with ProcessPoolExecutor(max_workers=cfg.nprocs) as pool:
+                futures = {pool.submit(process_run, r, cfg): r for r in runs}
+                for fut in as_completed(futures):
+                    results.append(fut.result())
+                    _report(results[-1], cfg)
+                    bar.advance(task)
+        else:
+            for r in runs:
+                results.append(process_run(r, cfg))
+                _report(results[-1], cfg)
+                bar.advance(task)
+    results.sort(key=lambda r: (r.run_id, r.source))
+    _write_summary(cfg, results)
+    return results
+
+
+def _report(res: RunResult, cfg: Config) -> None:
+    if res.status == "failed":
+        log.error("%s", res.reason)
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=Console(stderr=True), disable=not enabled or not os.isatty(2), transient=True)
+
+
+def _write_summary(cfg: Config, results: list[RunResult]) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame([{"run": r.run_id, "source": r.source, "status": r.status, "exit_code": r.code,
+                        "seconds": round(r.seconds, 2), "reason": r.reason} for r in results])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    write_tsv(cfg.output_dir / "logs" / f"participant_{stamp}_{os.getpid()}_summary.tsv", df)
+
+
+def exit_code(results: list[RunResult]) -> int:
+    """0 when every run is done or skipped, else the exit code of the first failed run."""
+    failed = [r for r in results if r.status == "failed"]
+    return failed[0].code if failed else 0
+
+
+def filters_from_file(path: str | None) -> dict[str, Any]:
+    return load_filters(path)

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-abide test bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,17 @@ demo: $(STAMP)
 	$(VENV)/bin/bids_fmrilm --version
 	$(PY) -m bids_fmrilm.demo --out demo_out
 
+SHARED ?= ../shared
+demo-abide: $(STAMP)
+	@test -d $(SHARED)/data/abide-cc200 || { echo "SKIPPED: $(SHARED)/data/abide-cc200 is absent"; exit 0; }
+	BIDS_FMRILM_ATLAS_DIR=$(SHARED)/atlases $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide participant --nprocs 2
+	BIDS_FMRILM_ATLAS_DIR=$(SHARED)/atlases $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide group
+
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(PY) benchmarks/parcellation.py
+	BIDS_FMRILM_ATLAS_DIR=$${BIDS_FMRILM_ATLAS_DIR:-$(SHARED)/atlases} $(PY) benchmarks/parcellation.py
 
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

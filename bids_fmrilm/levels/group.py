@@ -8,6 +8,7 @@ confounds, else from ``participants.tsv``'s ``fd_mean``), and a JSON summary bes
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,7 @@ def collect_qc(output_dir: Path, participants: pd.DataFrame | None = None,
             fd = fd_lookup.get(sub)
         rows.append({
             "participant_id": sub,
-            "run": js.name.split("_atlas-")[0],
+            "run": re.sub(r"_space-[A-Za-z0-9]+", "", js.name.split("_atlas-")[0]),
             "file": str(tsv.relative_to(output_dir)),
             "volumes": meta.get("Volumes"),
             "source_volumes": meta.get("SourceVolumes"),

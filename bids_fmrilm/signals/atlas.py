@@ -276,16 +276,12 @@ def yeo_network_from_name(name: str) -> str | None:
 def _schaefer_tian(key: str, space: str) -> Atlas:
     stem, base_url = _SCHAEFER_TIAN[key]
     n = "400" if "400" in key else "100"
-    candidates = [f"{stem}_{space}_2mm.nii.gz"]
-    if key == "schaefer400tian":
-        candidates += [
-            f"{stem}_MNI152NLin6Asym_2mm.nii.gz",
-            f"{stem}_3T_MNI152NLin2009cAsym_2mm.nii.gz",
-        ]
+    spaces = [space] + [s for s in ("MNI152NLin6Asym", "MNI152NLin2009cAsym") if s != space]
+    candidates = [f"{stem}{infix}_{sp}_2mm.nii.gz" for sp in spaces for infix in ("", "_3T")]
     img_path = next((p for c in candidates if (p := _find_file(c)) is not None), None)
     label_path = _find_file(f"{stem}_label.txt")
     if img_path is None or label_path is None:
-        img_path, label_path = _fetch_schaefer_tian(stem, base_url, candidates[0])
+        img_path, label_path = _fetch_schaefer_tian(stem, base_url, f"{stem}_3T_{space}_2mm.nii.gz" if "NLin2009c" in space else candidates[0])
     atlas = _labels_atlas(img_path, label_path=label_path, name=f"Schaefer{n}Tian")
     atlas.space = "MNI152NLin2009cAsym" if "NLin2009cAsym" in img_path.name else "MNI152NLin6Asym"
     atlas.source = key

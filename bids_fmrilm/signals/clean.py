@@ -141,7 +141,7 @@ def clean_timeseries(
     cleaned = signal.clean(
         ts[:, ok],
         detrend=detrend,
-        standardize=False,
+        standardize=None,
         confounds=confounds,
         standardize_confounds=True,
         filter="butterworth" if (hp or lp) else False,

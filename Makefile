@@ -25,9 +25,10 @@ demo: $(STAMP)
 
 SHARED ?= ../shared
 demo-abide: $(STAMP)
-	@test -d $(SHARED)/data/abide-cc200 || { echo "SKIPPED: $(SHARED)/data/abide-cc200 is absent"; exit 0; }
-	BIDS_FMRILM_ATLAS_DIR=$(SHARED)/atlases $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide participant --nprocs 2
-	BIDS_FMRILM_ATLAS_DIR=$(SHARED)/atlases $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide group
+	@if [ ! -d $(SHARED)/data/abide-cc200 ]; then echo "SKIPPED: $(SHARED)/data/abide-cc200 is absent"; else \
+	  export BIDS_FMRILM_ATLAS_DIR=$(SHARED)/atlases && \
+	  $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide participant --nprocs 2 && \
+	  $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide group; fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

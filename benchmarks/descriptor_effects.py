@@ -140,16 +140,23 @@ def main(argv=None) -> dict:
               f"{c['p90_abs_median_z']:>15.3f}{c['median_robust_sd_z']:>14.3f}{c['frac_abs_z_ge_2']:>11.3f}")
 
     zh, mh = z[held].reset_index(drop=True), meta[held].reset_index(drop=True)
+    # Site-centred z (per-site median removed): guards against group/site confounding.
+    zc = zh - zh.groupby(mh["site"]).transform("median")
     tables = {}
     pd.set_option("display.width", 200)
     for title, col, a, b in (("ASD vs TD", "diagnosis", "ASD", "TD"), ("male vs female", "sex", "M", "F")):
-        df = group_effects(zh, mh[col], a, b)
-        tables[title] = df
-        print(f"\n== top 5 features, {title} (held-out sites, z-scores; d = {a} - {b}) ==")
-        cols = ["feature", f"n_{a}", f"n_{b}", "d", "p_welch", "p_mwu", "q_welch_bh"]
-        print(df[cols].head(5).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
-        print(f"features with q_welch_bh < 0.05: {(df['q_welch_bh'] < 0.05).sum()} of {len(df)}")
-        df.to_csv(args.out / f"effects_{col}.tsv", sep="\t", index=False)
+        counts = mh.groupby("site")[col].value_counts().unstack(fill_value=0)
+        print(f"\n{col} by held-out site: " + "; ".join(
+            f"{s} " + "/".join(f"{g}={counts.loc[s].get(g, 0)}" for g in (a, b)) for s in counts.index))
+        for variant, zz in (("z", zh), ("site-centred z", zc)):
+            df = group_effects(zz, mh[col], a, b)
+            tables[f"{title} [{variant}]"] = df
+            print(f"== top 5 features, {title} (held-out sites, {variant}; d = {a} - {b}) ==")
+            cols = ["feature", f"n_{a}", f"n_{b}", "d", "p_welch", "p_mwu", "q_welch_bh"]
+            print(df[cols].head(5).to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+            print(f"features with q_welch_bh < 0.05: {(df['q_welch_bh'] < 0.05).sum()} of {len(df)}")
+            tag = "raw" if variant == "z" else "sitecentred"
+            df.to_csv(args.out / f"effects_{col}_{tag}.tsv", sep="\t", index=False)
 
     summary = {"elapsed_s": elapsed, "n_runs": len(lines), "ref_sites": ref_sites, "held_sites": held_sites,
                "calibration": {"reference": cal_ref, "held_out": cal_held, "per_held_site": per_site},

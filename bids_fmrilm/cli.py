@@ -31,9 +31,13 @@ EXIT_CODES_HELP = (
 def _setup_logging(debug: bool) -> None:
     from rich.logging import RichHandler
 
-    handler = RichHandler(show_time=False, show_path=debug, markup=False, rich_tracebacks=debug,
-                          console=__import__("rich.console").console.Console(stderr=True))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], format="%(message)s", force=True)
+    if sys.stderr.isatty():
+        handler: logging.Handler = RichHandler(show_time=False, show_path=debug, markup=False, rich_tracebacks=debug,
+                                               console=__import__("rich.console").console.Console(stderr=True))
+    else:  # logs to files or pipes: one line per message, never wrapped
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler], force=True)
     for noisy in ("bids", "bidsschematools", "nilearn", "matplotlib", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not debug:
@@ -66,7 +70,11 @@ def _setup_logging(debug: bool) -> None:
 @click.option("--skip-bids-validation", "--skip_bids_validation", is_flag=True, help="Do not validate the input dataset.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
 @click.option("--force", is_flag=True, help="Recompute runs whose outputs are already complete.")
-@click.option("--label", help="Group level: participants.tsv column to adapt to (model stages; not in this release).")
+@click.option("--label", help="Group level: participants.tsv column to predict with cross-validation.")
+@click.option("--labels-file", type=click.Path(path_type=Path), help="Group level: TSV with participant_id and the label column (default: BIDS_DIR/participants.tsv).")
+@click.option("--task-type", type=click.Choice(["auto", "classification", "regression"]), default="auto", show_default=True)
+@click.option("--cv-group", metavar="COLUMN", help="Group level: hold out whole groups of this column (e.g. site).")
+@click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="Group level: cross-validation folds.")
 @click.option("--debug", is_flag=True, help="Verbose logging and tracebacks.")
 @click.version_option(__version__, "-v", "--version", prog_name="bids_fmrilm")
 def bids_app_command(**kw) -> int:
@@ -80,11 +88,11 @@ def bids_app_command(**kw) -> int:
 
     _setup_logging(kw["debug"])
     labels = tuple(x for v in kw["participant_label"] for x in v.split())
-    if kw["model"] is not None or kw["label"] is not None:
+    if kw["model"] is not None:
         from .errors import UsageError
 
-        raise UsageError("--model and --label need the fMRI-LM stages, which this release does not include",
-                         fix="drop --model/--label to compute ROI time series and QC")
+        raise UsageError("--model needs the fMRI-LM stages, which this release does not include",
+                         fix="drop --model to compute ROI time series, QC and FC baselines")
     cfg = Config(
         bids_dir=kw["bids_dir"],
         output_dir=kw["output_dir"],
@@ -103,6 +111,10 @@ def bids_app_command(**kw) -> int:
         seed=kw["seed"],
         force=kw["force"],
         label=kw["label"],
+        labels_file=kw["labels_file"],
+        task_type=kw["task_type"],
+        cv_group=kw["cv_group"],
+        folds=kw["folds"],
         debug=kw["debug"],
         signals=SignalSettings(atlas=kw["atlas"], target_tr=kw["target_tr"]),
     )
@@ -218,18 +230,15 @@ def toolkit_group() -> None:
 
 
 def _register_toolkit() -> None:
-    try:
-        from .descriptors.cli import corpus_command
-    except ImportError:  # descriptors not installed in this build
-        return
+    from .descriptors.cli import corpus_command
+
     toolkit_group.add_command(corpus_command, "corpus")
 
-
-_register_toolkit()
 
 
 def toolkit(args: list[str] | None = None) -> None:
     """Console entry point of ``fmrilm``."""
+    _register_toolkit()  # here, not at import: bids_fmrilm --version stays fast
     sys.exit(_run(toolkit_group, args, "fmrilm"))
 
 

@@ -55,6 +55,10 @@ class Config:
     seed: int = 0
     force: bool = False
     label: str | None = None
+    labels_file: Path | None = None
+    task_type: str = "auto"
+    cv_group: str | None = None
+    folds: int = 5
     debug: bool = False
     signals: SignalSettings = field(default_factory=SignalSettings)
 

@@ -309,3 +309,17 @@ def test_corpus_cli(tmp_path):
     assert r.exit_code == 0, r.output
     ids = {ln["reference_id"] for ln in read_corpus(tmp_path / "d.jsonl")}
     assert ids == {load_reference(tmp_path / "r.json")["id"]}
+
+
+def test_graph_measures_match_networkx():
+    import networkx as nx
+
+    from bids_fmrilm.descriptors.features import _average_clustering, _global_efficiency
+
+    rng = np.random.default_rng(5)
+    n = 30
+    w = np.triu(rng.uniform(0.1, 1.0, (n, n)) * (rng.uniform(size=(n, n)) < 0.2), 1)
+    w = w + w.T
+    g = nx.from_numpy_array(w)
+    assert _average_clustering(w) == pytest.approx(nx.average_clustering(g, weight="weight"), rel=1e-10)
+    assert _global_efficiency(w > 0) == pytest.approx(nx.global_efficiency(g), rel=1e-10)

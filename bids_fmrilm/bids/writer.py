@@ -42,9 +42,10 @@ BIDSIGNORE = [
     "*_forecast.tsv.gz",
     "*_forecast.json",
     "*.html",
-    "figures/",
-    "group/",
-    "logs/",
+    # no trailing slash: bids-validator-deno ignores .bidsignore lines ending in "/"
+    "figures",
+    "group",
+    "logs",
     "atlas-*_dseg.tsv",
     ".bids_fmrilm.lock",
 ]

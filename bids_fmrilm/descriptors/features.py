@@ -191,12 +191,46 @@ def _graph_features(r: np.ndarray, density: float = GRAPH_DENSITY) -> dict[str, 
     g = nx.Graph()
     g.add_nodes_from(range(n))
     g.add_weighted_edges_from(zip(iu[0][order].tolist(), iu[1][order].tolist(), vals[order].tolist()))
-    out["graph.global_efficiency"] = _finite(nx.global_efficiency(g))
+    w = np.zeros((n, n))
+    w[iu[0][order], iu[1][order]] = vals[order]
+    w = w + w.T
+    out["graph.global_efficiency"] = _global_efficiency(w > 0)
     comms = nx.community.louvain_communities(g, weight="weight", seed=GRAPH_SEED)
     out["graph.modularity"] = _finite(nx.community.modularity(g, comms, weight="weight"))
-    out["graph.clustering"] = _finite(nx.average_clustering(g, weight="weight"))
-    out["graph.strength"] = _finite(np.mean([s for _, s in g.degree(weight="weight")]))
+    out["graph.clustering"] = _average_clustering(w)
+    out["graph.strength"] = _finite(w.sum(axis=1).mean())
     return out
+
+
+def _global_efficiency(adj: np.ndarray) -> float | None:
+    """Mean inverse shortest-path length of a binary graph (as ``networkx.global_efficiency``)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import shortest_path
+
+    n = adj.shape[0]
+    if n < 2:
+        return None
+    d = shortest_path(csr_matrix(adj.astype(float)), method="D", unweighted=True, directed=False)
+    off = ~np.eye(n, dtype=bool)
+    with np.errstate(divide="ignore"):
+        inv = np.where(np.isfinite(d[off]), 1.0 / d[off], 0.0)
+    return _finite(inv.mean())
+
+
+def _average_clustering(w: np.ndarray) -> float | None:
+    """Average weighted clustering coefficient (Onnela et al. 2005, as ``networkx.average_clustering``).
+
+    Weights are normalised by the largest weight; nodes with fewer than two neighbours count as 0.
+    """
+    wmax = w.max()
+    if wmax <= 0:
+        return None
+    c = np.cbrt(w / wmax)
+    tri = np.einsum("ij,jk,ki->i", c, c, c)
+    deg = (w > 0).sum(axis=1)
+    denom = deg * (deg - 1.0)
+    cc = np.divide(tri, denom, out=np.zeros_like(tri), where=denom > 0)
+    return _finite(cc.mean())
 
 
 def _band(freqs: np.ndarray, lo: float, hi: float) -> np.ndarray:

@@ -94,4 +94,86 @@ def run_group(cfg: Config) -> pd.DataFrame:
     write_json(group / "qc_runs.json", {"Description": "One row per run processed at the participant level",
                                         "Summary": summary})
     log.info("group QC: %d runs of %d participants -> %s", summary["Runs"], summary["Participants"], group / "qc_runs.tsv")
+    if cfg.label:
+        run_label_analysis(cfg, qc)
     return qc
+
+
+def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
+    """Cross-validated prediction of ``cfg.label`` from what the participant level wrote.
+
+    Writes ``group/label-<L>_predictions.tsv`` (out-of-fold predictions per participant),
+    ``group/label-<L>_metrics.tsv`` and ``.json`` (metrics with bootstrap 95 % intervals for each
+    method on the same folds).
+    """
+    from .crossval import bootstrap_ci, chance_baseline, fc_baseline, fc_features, make_folds, metrics, out_of_fold
+    from .labels import load_labels
+
+    table = cfg.labels_file or (cfg.bids_dir / "participants.tsv")
+    labels = load_labels(table, cfg.label, cfg.task_type, cfg.cv_group)
+    files = {}
+    for _, row in qc.iterrows():
+        files.setdefault(strip_prefix(row["participant_id"], "sub"), []).append(cfg.output_dir / row["file"])
+    pids = [p for p in labels.values.index if p in files]
+    no_data = sorted(set(labels.values.index) - set(pids))
+    if no_data:
+        log.warning("%d labelled participants have no participant-level output and are left out", len(no_data))
+    if labels.excluded:
+        log.warning("%d participants have no %s label and are excluded", len(labels.excluded), cfg.label)
+    sub = labels.values.loc[pids]
+    labels = type(labels)(labels.name, labels.task_type, sub, labels.excluded,
+                          labels.groups.loc[pids] if labels.groups is not None else None)
+    folds = make_folds(labels, pids, cfg.folds, cfg.seed)
+    X = np.stack([fc_features(files[p]) for p in pids])
+    y = labels.values.to_numpy()
+    classes = labels.classes or None
+    preds = {
+        "chance": chance_baseline(y, folds, classes),
+        "fc_linear": out_of_fold(lambda: fc_baseline(labels.task_type, cfg.seed), X, y, folds, classes),
+    }
+    fold_of = np.empty(len(pids), int)
+    for k, (_, test) in enumerate(folds.splits):
+        fold_of[test] = k
+    out = pd.DataFrame({"participant_id": [f"sub-{p}" for p in pids], "fold": fold_of, cfg.label: y})
+    rows = []
+    for method, pred in preds.items():
+        if classes:
+            for j, c in enumerate(classes):
+                out[f"{method}_p_{c}"] = pred[:, j]
+            out[f"{method}_prediction"] = np.asarray(classes)[np.argmax(pred, axis=1)]
+        else:
+            out[f"{method}_prediction"] = pred
+        m = metrics(y, pred, classes)
+        ci = bootstrap_ci(y, pred, classes, seed=cfg.seed)
+        for k, v in m.items():
+            rows.append({"method": method, "metric": k, "value": v,
+                         "ci_low": ci.get(k, [np.nan])[0], "ci_high": ci.get(k, [np.nan, np.nan])[1]})
+    group = cfg.output_dir / "group"
+    stem = f"label-{re.sub(r'[^A-Za-z0-9]', '', cfg.label)}"
+    write_tsv(group / f"{stem}_predictions.tsv", out)
+    mt = pd.DataFrame(rows)
+    write_tsv(group / f"{stem}_metrics.tsv", mt, float_format="%.4f")
+    result = {
+        "Label": cfg.label, "TaskType": labels.task_type, "Classes": classes,
+        "Participants": len(pids), "Excluded": labels.excluded, "WithoutOutputs": no_data,
+        "Folds": len(folds.splits), "GroupedBy": folds.grouping, "Seed": cfg.seed,
+        "Features": f"Fisher-z FC upper triangle ({X.shape[1]} values) averaged over runs",
+        "Metrics": {m: {r["metric"]: [r["value"], r["ci_low"], r["ci_high"]] for r in rows if r["method"] == m}
+                    for m in preds},
+    }
+    write_json(group / f"{stem}_metrics.json", json_safe(result))
+    for m in preds:
+        log.info("%s %s: %s", cfg.label, m, ", ".join(f"{r['metric']} {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                                                  for r in rows if r["method"] == m))
+    return result
+
+
+def json_safe(obj):
+    """Replace NaN/inf by None so the JSON is standard."""
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj

@@ -22,8 +22,9 @@ from ..bids.layout import Run, find_runs, load_filters, read_dataset_description
 from ..bids.validate import validate_dataset
 from ..bids.writer import DerivativesWriter, read_json, write_bytes, write_json, write_tsv
 from ..config import Config
-from ..errors import BidsAppError, ExitCode, UsageError
-from ..signals.pipeline import atlas_entity, extract_signals, signals_frame
+from ..errors import BidsAppError, CantCreateError, ExitCode, UsageError
+from ..signals.atlas import clean_name
+from ..signals.pipeline import atlas_entity, atlas_for_run, extract_signals, signals_frame
 
 log = logging.getLogger("bids_fmrilm")
 
@@ -51,6 +52,10 @@ def check_paths(cfg: Config) -> None:
         if rp == bids or bids in rp.parents:
             raise UsageError(f"{name} {p} is inside the input dataset", path=cfg.bids_dir,
                              fix=f"choose a {name} outside BIDS_DIR (the input is never written to)")
+        blocker = next((q for q in (rp, *rp.parents) if q.exists() and not q.is_dir()), None)
+        if blocker is not None:  # mkdir would fail with EEXIST/ENOTDIR, which read as I/O errors (74)
+            raise CantCreateError(f"{name} cannot be created: {blocker} is not a folder", path=p,
+                                  fix=f"remove {blocker} or choose another {name}")
 
 
 def select_runs(cfg: Config) -> list[Run]:
@@ -80,8 +85,13 @@ def process_run(run: Run, cfg: Config) -> RunResult:
     record = settings_record(cfg)
     try:
         sig = None
-        # the atlas entity is needed for the names; for ROI inputs it is the input's own
-        atlas_name = run.entities.get("atlas") if run.kind == "roi" else None
+        # the atlas entity is needed for the names; for ROI inputs it is the input's own. Known
+        # before any image is read, so that a re-run skips complete runs without recomputing them
+        atlas_name = None
+        if run.kind == "roi":
+            atlas_name = run.entities.get("atlas")
+        elif run.kind == "volume":
+            atlas_name = clean_name(atlas_for_run(run, cfg.signals).name)
         if atlas_name is not None:
             done = _complete(writer.path(run, "timeseries", ".json", atlas=atlas_name), record)
             if done and not cfg.force:

@@ -14,6 +14,7 @@ reported in :attr:`Parcellation.empty_rois`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import gzip
 import zlib
 from pathlib import Path
 
@@ -213,9 +214,12 @@ def iter_volumes(img: nib.Nifti1Image, chunk: int = 32, voxels: np.ndarray | Non
                 yield start, block
     except DataError:
         raise
-    except (EOFError, OSError, ValueError, zlib.error) as exc:
+    except (EOFError, zlib.error, gzip.BadGzipFile, ValueError) as exc:  # damaged file: a data problem
+        raise DataError(f"image data are corrupt or truncated ({exc.__class__.__name__}: {exc})", path=path,
+                        fix="check the file is complete (gzip -t) and re-export or re-download it") from None
+    except OSError as exc:  # the file system failed us
         raise IOFailure(f"cannot read image data ({exc.__class__.__name__}: {exc})", path=path,
-                        fix="check the file is complete (gzip -t) and re-export it") from None
+                        fix="check the file is readable and the storage is healthy") from None
 
 
 def parcellate(img, atlas: Atlas, mask_img=None, chunk: int = 32) -> Parcellation:

@@ -215,13 +215,20 @@ def extract_signals(run: Run, settings: SignalSettings) -> RunSignals:
 
     has_voxels = np.array([n not in set(empty) for n in atlas.rois["name"].astype(str)])
     flat = [str(n) for n, ok, hv in zip(atlas.rois["name"], usable_columns(ts), has_voxels) if hv and not ok]
+    high_pass, low_pass = settings.high_pass, settings.low_pass
+    n_filters = sum(f is not None and f < 0.5 / tr for f in (high_pass, low_pass))
+    # nilearn's zero-phase Butterworth filter (order 5) pads by 18 volumes (33 band-pass); scipy
+    # refuses series that are not longer, so short runs (one patch is 16 volumes) are not filtered
+    if n_filters and ts.shape[0] <= (33 if n_filters == 2 else 18):
+        steps.append(f"temporal filter skipped: {ts.shape[0]} volumes are too few for the Butterworth filter")
+        high_pass = low_pass = None
     cleaned = clean_timeseries(ts, tr, regressors, detrend=settings.detrend,
-                               high_pass=settings.high_pass, low_pass=settings.low_pass)
+                               high_pass=high_pass, low_pass=low_pass)
     steps.append("nilearn.signal.clean: " + ", ".join(
         x for x in [
             "linear detrend" if settings.detrend else "",
-            f"Butterworth high-pass {settings.high_pass} Hz" if settings.high_pass else "",
-            f"low-pass {settings.low_pass} Hz" if settings.low_pass else "",
+            f"Butterworth high-pass {high_pass} Hz" if high_pass else "",
+            f"low-pass {low_pass} Hz" if low_pass else "",
             f"confounds {', '.join(conf.names)}" if regressors is not None else "no confounds",
         ] if x))
     out = resample_to_tr(cleaned, tr, settings.target_tr)

@@ -1,0 +1,136 @@
+"""Runs for the tokenizer: robust scaling, patching, reading a folder of ROI time series."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+
+SCALING = {"mode": "robust", "center": "median", "scale": "iqr", "per": "run and ROI", "clip": 10.0,
+           "missing": "0 (the median)"}
+"""How runs are scaled before tokenization (stored in every checkpoint)."""
+
+
+def scale_run(ts: np.ndarray) -> np.ndarray:
+    """Robust-scale a raw (cleaned) run as the tokenizer expects (:data:`SCALING`)."""
+    from ..signals.clean import robust_scale
+
+    with np.errstate(all="ignore"):
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            scaled, _ = robust_scale(np.asarray(ts, dtype=float), clip=SCALING["clip"])
+    return scaled.astype(np.float32)
+
+
+def patchify(ts: np.ndarray, patch_len: int, source: str | os.PathLike | None = None) -> np.ndarray:
+    """Cut a (T,R) run into (T // patch_len, R, patch_len) non-overlapping patches.
+
+    Trailing volumes that do not fill a patch are dropped. Non-finite values become 0.
+
+    Raises
+    ------
+    DataError
+        When the run is not 2-D or is shorter than one patch.
+    """
+    ts = np.asarray(ts, dtype=np.float32)
+    if ts.ndim != 2 or ts.shape[1] == 0:
+        raise DataError(f"expected a 2-D (volumes x ROIs) time series, got shape {ts.shape}", path=source,
+                        fix="pass one run as an array with one column per ROI")
+    T, R = ts.shape
+    if T < patch_len:
+        raise DataError(
+            f"run has {T} volumes, fewer than one tokenizer patch of {patch_len} volumes", path=source,
+            fix=f"tokenize runs of at least {patch_len} volumes at the model TR (exclude this run, "
+                "or use a checkpoint with a shorter patch length)",
+        )
+    n = T // patch_len
+    x = np.nan_to_num(ts[: n * patch_len], nan=0.0, posinf=0.0, neginf=0.0)
+    return np.ascontiguousarray(x.reshape(n, patch_len, R).transpose(0, 2, 1))
+
+
+def unpatchify(patches: np.ndarray) -> np.ndarray:
+    """(n, R, P) patches -> (n * P, R) series."""
+    n, R, P = patches.shape
+    return patches.transpose(0, 2, 1).reshape(n * P, R)
+
+
+@dataclass
+class RunData:
+    path: Path
+    entities: dict
+    ts: np.ndarray  # (T,R) robust-scaled float32
+    columns: list[str]
+    coords: np.ndarray  # (R,3) MNI mm, NaN = unknown
+    atlas: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple:
+        e = self.entities
+        return run_key(e)
+
+
+def run_key(entities: dict) -> tuple:
+    """Join key of a run: (subject, session, task, run), with None for absent entities."""
+    return tuple(None if entities.get(k) in (None, "") else str(entities.get(k))
+                 for k in ("subject", "session", "task", "run"))
+
+
+def roi_coordinates(root: Path, atlas: str, columns: list[str]) -> np.ndarray:
+    """MNI centroids of a run's columns: the folder's ``atlas-<A>_dseg.tsv``, else the atlas registry."""
+    table = None
+    cand = root / f"atlas-{atlas}_dseg.tsv"
+    if cand.is_file():
+        table = pd.read_csv(cand, sep="\t", na_values=["n/a"])
+    else:
+        try:
+            from ..signals.atlas import load_atlas
+
+            table = load_atlas(atlas.lower()).rois
+        except Exception:  # unknown atlas: coordinates unknown
+            table = None
+    out = np.full((len(columns), 3), np.nan)
+    if table is not None:
+        by_name = {str(n): i for i, n in enumerate(table["name"])}
+        xyz = table[["x", "y", "z"]].to_numpy(dtype=float)
+        if all(c in by_name for c in columns):
+            out = xyz[[by_name[c] for c in columns]]
+        elif len(table) == len(columns):
+            out = xyz
+    return out
+
+
+def load_timeseries_dir(root: str | os.PathLike, keys: set | None = None, log=None) -> list[RunData]:
+    """Read and robust-scale every ``*_timeseries.tsv[.gz]`` run of a participant-level output.
+
+    Parameters
+    ----------
+    keys : set of tuple, optional
+        Only runs whose :func:`run_key` is in this set.
+    """
+    from ..descriptors.corpus import find_runs, parse_entities
+    from ..signals.pipeline import read_roi_timeseries
+
+    root = Path(root)
+    runs, coords_cache = [], {}
+    for path in find_runs(root):
+        ents = parse_entities(path)
+        if keys is not None and run_key(ents) not in keys:
+            continue
+        raw, columns = read_roi_timeseries(path)
+        atlas = ents.get("atlas", "")
+        ck = (atlas, tuple(columns))
+        if ck not in coords_cache:
+            coords_cache[ck] = roi_coordinates(root, atlas, columns)
+        runs.append(RunData(path=path, entities=ents, ts=scale_run(raw), columns=columns,
+                            coords=coords_cache[ck], atlas=atlas))
+    if log:
+        log(f"read {len(runs)} runs from {root}")
+    return runs

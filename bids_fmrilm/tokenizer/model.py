@@ -1,0 +1,396 @@
+"""The VQ neural tokenizer: ROI x time patches -> discrete tokens -> patches.
+
+Shapes used throughout: ``B`` runs, ``T`` time patches, ``R`` ROIs, ``P`` volumes per patch,
+``d`` model width, ``c`` code width, ``K`` codebook size.
+
+    patches (B,T,R,P) --patch_in--> + ROI embedding (Fourier features of the MNI centroid)
+                                    + time embedding (sinusoidal, any length)
+        --> [ROI-axis attention, time-axis attention] x enc_layers --> z (B,T,R,c)
+        --> EMA vector quantizer --> ids (B,T,R), q (B,T,R,c)
+        --> code_in + ROI + time embeddings --> axial blocks x dec_layers --> recon (B,T,R,P)
+
+Attention is axial (nanoGPT-style blocks applied along one axis at a time): over ROIs within a
+time patch, then over time patches within an ROI. Each token is one (patch, ROI), so a token has
+the bits of a k-means code of that patch, but the decoder reads all tokens of the run and the
+encoder writes each code knowing its context.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TokenizerConfig
+
+
+# ------------------------------------------------------------------------------- embeddings
+class FourierROIEmbedding(nn.Module):
+    """ROI embedding from its MNI centroid: fixed log-spaced Fourier features -> MLP.
+
+    Rows of ``coords`` with a non-finite value (unknown centroid) get a learned embedding.
+    """
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        n = cfg.fourier_bands
+        wavelengths = torch.logspace(math.log10(cfg.fourier_min_wavelength_mm),
+                                     math.log10(cfg.fourier_max_wavelength_mm), n)
+        self.register_buffer("freqs", 2 * math.pi / wavelengths, persistent=False)  # rad / mm
+        self.mlp = nn.Sequential(nn.Linear(6 * n, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
+        self.unknown = nn.Parameter(0.02 * torch.randn(cfg.d_model))
+
+    def forward(self, coords: torch.Tensor) -> torch.Tensor:  # (R,3) -> (R,d)
+        known = torch.isfinite(coords).all(dim=-1, keepdim=True)
+        c = torch.nan_to_num(coords, nan=0.0, posinf=0.0, neginf=0.0)
+        ang = c[..., None] * self.freqs  # (R,3,n)
+        feats = torch.cat([ang.sin(), ang.cos()], dim=-1).flatten(-2)  # (R,6n)
+        return torch.where(known, self.mlp(feats), self.unknown)
+
+
+def time_embedding(n: int, d: int, device=None) -> torch.Tensor:
+    """Sinusoidal embedding of patch positions 0..n-1, (n,d) (no length limit)."""
+    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+    i = torch.arange(d // 2, device=device, dtype=torch.float32)[None]
+    ang = pos / (100.0 ** (2 * i / d))
+    emb = torch.zeros(n, d, device=device)
+    emb[:, 0::2] = ang.sin()
+    emb[:, 1::2] = ang.cos()[:, : (d - d // 2)]
+    return emb
+
+
+# ------------------------------------------------------------------------------- blocks
+class MLP(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.drop(self.proj(F.gelu(self.fc(x))))
+
+
+class AxialAttention(nn.Module):
+    """Multi-head self-attention along one axis of (B,T,R,d): ``"roi"`` or ``"time"``."""
+
+    def __init__(self, cfg: TokenizerConfig, axis: str):
+        super().__init__()
+        assert axis in ("roi", "time") and cfg.d_model % cfg.n_heads == 0
+        self.axis, self.n_heads, self.dropout = axis, cfg.n_heads, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: torch.Tensor, time_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, T, R, d = x.shape
+        mask = None
+        if self.axis == "roi":
+            h = x.reshape(B * T, R, d)
+        else:
+            h = x.transpose(1, 2).reshape(B * R, T, d)
+            if time_mask is not None:  # (B,T) True = real patch; padded keys are ignored
+                mask = time_mask[:, None, :].expand(B, R, T).reshape(B * R, 1, 1, T)
+        N, L, _ = h.shape
+        q, k, v = self.qkv(h).view(N, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = self.proj(y.transpose(1, 2).reshape(N, L, d))
+        if self.axis == "roi":
+            return y.view(B, T, R, d)
+        return y.view(B, R, T, d).transpose(1, 2)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, axis: str):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.attn = AxialAttention(cfg, axis)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, time_mask=None):
+        x = x + self.attn(self.ln1(x), time_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+def axial_stack(cfg: TokenizerConfig, n_layers: int) -> nn.ModuleList:
+    return nn.ModuleList(Block(cfg, axis) for _ in range(n_layers) for axis in ("roi", "time"))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.patch_in = nn.Linear(cfg.patch_len, cfg.d_model)
+        self.blocks = axial_stack(cfg, cfg.enc_layers)
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.to_code = nn.Linear(cfg.d_model, cfg.code_dim)
+
+    def forward(self, patches, roi_emb, time_mask=None):
+        B, T, R, P = patches.shape
+        x = self.patch_in(patches) + roi_emb[None, None] + time_embedding(T, roi_emb.shape[-1], patches.device)[None, :, None]
+        for blk in self.blocks:
+            x = blk(x, time_mask)
+        return self.to_code(self.ln_f(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.code_in = nn.Linear(cfg.code_dim, cfg.d_model)
+        self.blocks = axial_stack(cfg, cfg.dec_layers)
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.patch_len)
+
+    def forward(self, q, roi_emb, time_mask=None):
+        B, T, R, _ = q.shape
+        x = self.code_in(q) + roi_emb[None, None] + time_embedding(T, roi_emb.shape[-1], q.device)[None, :, None]
+        for blk in self.blocks:
+            x = blk(x, time_mask)
+        h = self.ln_f(x)
+        return self.head(h), h
+
+
+# ------------------------------------------------------------------------------- quantizer
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t, src=0)
+    return t
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 10, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd k-means on (N,c) rows (initialised from distinct random rows). Returns centres, counts."""
+    n = x.shape[0]
+    idx = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
+    centres = x[idx].clone()
+    counts = torch.zeros(k)
+    for _ in range(max(1, iters)):
+        ids = torch.cdist(x, centres).argmin(dim=1)
+        counts = torch.bincount(ids, minlength=k).float()
+        sums = torch.zeros_like(centres).index_add_(0, ids, x)
+        empty = counts == 0
+        centres = torch.where(empty[:, None], centres, sums / counts.clamp(min=1)[:, None])
+        if empty.any():  # re-seed empty clusters on random points
+            centres[empty] = x[torch.randint(n, (int(empty.sum()),), generator=generator)]
+    return centres, counts
+
+
+class VectorQuantizerEMA(nn.Module):
+    """Vector quantizer with an EMA codebook (van den Oord et al. 2017; Razavi et al. 2019).
+
+    - k-means initialisation (:meth:`kmeans_init`) from encoder outputs of the first batches;
+    - EMA updates of code counts and sums in training mode (all-reduced across processes);
+    - dead-code restarts: codes whose EMA count falls below ``dead_code_threshold`` are re-seeded
+      from encoder outputs of the current batch;
+    - commitment loss ``||z - sg(q)||^2`` and a straight-through gradient to the encoder.
+    """
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        K, c = cfg.codebook_size, cfg.code_dim
+        self.K, self.decay, self.threshold, self.eps = K, cfg.ema_decay, cfg.dead_code_threshold, 1e-5
+        self.register_buffer("embed", torch.randn(K, c) * 0.1)
+        self.register_buffer("cluster_size", torch.ones(K))
+        self.register_buffer("embed_sum", self.embed.clone())
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("restarts", torch.tensor(0, dtype=torch.long))
+
+    @torch.no_grad()
+    def kmeans_init(self, z: torch.Tensor, iters: int = 10, n_batches: int = 1, seed: int = 0) -> None:
+        """Set the codebook to k-means centres of encoder outputs ``z`` (N,c) pooled from ``n_batches``."""
+        g = torch.Generator().manual_seed(seed)
+        centres, counts = kmeans(z.detach().float().cpu(), self.K, iters, g)
+        centres, counts = _broadcast(centres.to(self.embed.device)), _broadcast(counts.to(self.embed.device))
+        per_batch = counts / max(1, n_batches)
+        self.embed.copy_(centres)
+        self.cluster_size.copy_(per_batch)
+        self.embed_sum.copy_(centres * per_batch[:, None])
+        self.initialized.fill_(True)
+
+    def codes(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.embed)
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.embed.t() + self.embed.pow(2).sum(1)[None]
+        return d.argmin(dim=1)
+
+    def forward(self, z: torch.Tensor, valid: torch.Tensor | None = None):
+        """Quantize z (...,c). ``valid`` (...) marks tokens that may update the codebook.
+
+        Returns q (straight-through, same shape as z), ids (...), commitment loss (scalar).
+        """
+        shape = z.shape
+        flat = z.reshape(-1, shape[-1])
+        ids = self.nearest(flat.detach())
+        q = self.codes(ids)
+        keep = None if valid is None else valid.reshape(-1)
+        if self.training:
+            self._ema_update(flat.detach(), ids, keep)
+        diff = (flat - q.detach()).pow(2).mean(-1)
+        commit = diff.mean() if keep is None else (diff * keep).sum() / keep.sum().clamp(min=1)
+        q_st = flat + (q - flat).detach()
+        return q_st.view(shape), ids.view(shape[:-1]), commit
+
+    @torch.no_grad()
+    def _ema_update(self, flat: torch.Tensor, ids: torch.Tensor, keep: torch.Tensor | None) -> None:
+        if keep is not None:
+            flat, ids = flat[keep], ids[keep]
+        counts = _all_reduce(torch.bincount(ids, minlength=self.K).float())
+        sums = _all_reduce(torch.zeros_like(self.embed).index_add_(0, ids, flat))
+        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.cluster_size.sum()
+        size = (self.cluster_size + self.eps) / (n + self.K * self.eps) * n  # Laplace smoothing
+        self.embed.copy_(self.embed_sum / size[:, None])
+        self.restart_dead(flat)
+
+    @torch.no_grad()
+    def restart_dead(self, recent: torch.Tensor) -> int:
+        """Re-seed codes with an EMA count below the threshold from ``recent`` encoder outputs."""
+        dead = self.cluster_size < self.threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0 or recent.shape[0] == 0:
+            return 0
+        pick = torch.randint(recent.shape[0], (n_dead,), device=recent.device)
+        new = recent[pick] + 1e-3 * recent.std() * torch.randn_like(recent[pick])
+        new = _broadcast(new)
+        self.embed[dead] = new
+        self.cluster_size[dead] = 1.0
+        self.embed_sum[dead] = new
+        self.restarts.add_(n_dead)
+        return n_dead
+
+
+def usage_and_perplexity(ids: torch.Tensor, K: int) -> tuple[float, float]:
+    """Fraction of the K codes used by ``ids`` and the perplexity of their distribution."""
+    counts = torch.bincount(ids.reshape(-1).long(), minlength=K).float()
+    p = counts / counts.sum().clamp(min=1)
+    ppl = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
+    return float((counts > 0).float().mean()), float(ppl)
+
+
+# ------------------------------------------------------------------------------- alignment
+class GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -ctx.scale * g, None
+
+
+class RunPooler(nn.Module):
+    """Pooled run embedding from the decoded run: token features + soft-network connectivity.
+
+    ROIs are softly assigned to ``n_groups`` groups by their (coordinate-derived) embedding, so
+    the summary is atlas-agnostic; the correlation matrix of the group-mean decoded signals and
+    their log amplitude join the mean of the decoder's token features.
+    """
+
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        G = cfg.n_groups
+        self.group_logits = nn.Linear(cfg.d_model, G)
+        self.iu = torch.triu_indices(G, G, offset=1)
+        n_in = cfg.d_model + self.iu.shape[1] + G
+        self.mlp = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, 2 * cfg.embed_dim), nn.GELU(),
+                                 nn.Linear(2 * cfg.embed_dim, cfg.embed_dim))
+
+    def forward(self, recon, hidden, roi_emb, time_mask=None):
+        B, T, R, P = recon.shape
+        if time_mask is None:
+            time_mask = torch.ones(B, T, dtype=torch.bool, device=recon.device)
+        m = time_mask.float()
+        n_tok = (m.sum(1) * R).clamp(min=1)
+        tok = (hidden * m[:, :, None, None]).sum((1, 2)) / n_tok[:, None]  # (B,d)
+        A = torch.softmax(self.group_logits(roi_emb), dim=-1)  # (R,G)
+        A = A / A.sum(0, keepdim=True).clamp(min=1e-6)
+        series = recon.permute(0, 1, 3, 2).reshape(B, T * P, R)
+        mv = m.repeat_interleave(P, dim=1)[..., None]  # (B,TP,1)
+        g = series @ A  # (B,TP,G)
+        nv = mv.sum(1).clamp(min=2)
+        mu = (g * mv).sum(1, keepdim=True) / nv[:, None]
+        gc = (g - mu) * mv
+        cov = gc.transpose(1, 2) @ gc / nv[:, None]
+        std = cov.diagonal(dim1=1, dim2=2).clamp(min=1e-6).sqrt()
+        corr = cov / (std[:, :, None] * std[:, None, :])
+        fc = corr[:, self.iu[0], self.iu[1]]
+        feats = torch.cat([tok, fc, std.log()], dim=-1)
+        return F.normalize(self.mlp(feats), dim=-1)
+
+
+# ------------------------------------------------------------------------------- the model
+class TokenizerModel(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, text_dim: int = 0, llm_dim: int = 0):
+        super().__init__()
+        self.cfg, self.text_dim, self.llm_dim = cfg, int(text_dim), int(llm_dim)
+        self.roi_embed = FourierROIEmbedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.quantizer = VectorQuantizerEMA(cfg)
+        self.decoder = Decoder(cfg)
+        self.pooler = RunPooler(cfg)
+        if self.text_dim:
+            self.text_proj = nn.Linear(self.text_dim, cfg.embed_dim)
+            self.register_buffer("text_mean", torch.zeros(self.text_dim))
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if self.llm_dim:
+            self.code_to_llm = nn.Linear(cfg.code_dim, self.llm_dim)
+            self.discriminator = nn.Sequential(nn.Linear(self.llm_dim, 256), nn.GELU(), nn.Linear(256, 1))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+
+    # -- pieces
+    def encode(self, patches, coords, time_mask=None):
+        """(B,T,R,P), (R,3) -> z (B,T,R,c), ROI embedding (R,d)."""
+        roi = self.roi_embed(coords)
+        return self.encoder(patches, roi, time_mask), roi
+
+    def decode_codes(self, q, coords=None, roi=None, time_mask=None):
+        roi = self.roi_embed(coords) if roi is None else roi
+        return self.decoder(q, roi, time_mask)
+
+    def embed_text(self, text_emb: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(text_emb - self.text_mean), dim=-1)
+
+    def forward(self, patches, coords, time_mask=None):
+        z, roi = self.encode(patches, coords, time_mask)
+        valid = None if time_mask is None else time_mask[:, :, None].expand(z.shape[:3])
+        q, ids, commit = self.quantizer(z, valid)
+        recon, hidden = self.decoder(q, roi, time_mask)
+        return {"z": z, "q": q, "ids": ids, "commit": commit, "recon": recon, "hidden": hidden, "roi": roi}
+
+    def run_embedding(self, out: dict, time_mask=None) -> torch.Tensor:
+        return self.pooler(out["recon"], out["hidden"], out["roi"], time_mask)
+
+    def adversarial_loss(self, q: torch.Tensor, word_emb: torch.Tensor, n: int = 1024) -> torch.Tensor:
+        """Domain-adversarial loss: a discriminator tells projected code vectors from LLM word
+        embeddings; the gradient reversal pushes the codes' projection toward the word-embedding
+        distribution (the quantized vectors pass the straight-through gradient to the encoder)."""
+        flat = q.reshape(-1, q.shape[-1])
+        pick = torch.randint(flat.shape[0], (min(n, flat.shape[0]),), device=flat.device)
+        fake = GradReverse.apply(self.code_to_llm(flat[pick]), 1.0)
+        real = word_emb[torch.randint(word_emb.shape[0], (fake.shape[0],), device=flat.device)]
+        logits = self.discriminator(torch.cat([fake, real])).squeeze(-1)
+        target = torch.cat([torch.zeros(fake.shape[0]), torch.ones(real.shape[0])]).to(logits)
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def spectral_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between |rFFT| amplitude spectra along the patch (last) axis."""
+    d = (torch.fft.rfft(recon, dim=-1).abs() - torch.fft.rfft(target, dim=-1).abs()).pow(2).mean(-1)
+    return d.mean() if mask is None else (d * mask).sum() / mask.sum().clamp(min=1)

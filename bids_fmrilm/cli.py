@@ -75,6 +75,8 @@ def _setup_logging(debug: bool) -> None:
 @click.option("--task-type", type=click.Choice(["auto", "classification", "regression"]), default="auto", show_default=True)
 @click.option("--cv-group", metavar="COLUMN", help="Group level: hold out whole groups of this column (e.g. site).")
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="Group level: cross-validation folds.")
+@click.option("--descriptor-reference", type=click.Path(path_type=Path), metavar="JSON",
+              help="Normative reference for descriptor z-scores (from fmrilm corpus --save-reference); default: the packaged ABIDE reference.")
 @click.option("--debug", is_flag=True, help="Verbose logging and tracebacks.")
 @click.version_option(__version__, "-v", "--version", prog_name="bids_fmrilm")
 def bids_app_command(**kw) -> int:
@@ -116,6 +118,7 @@ def bids_app_command(**kw) -> int:
         cv_group=kw["cv_group"],
         folds=kw["folds"],
         debug=kw["debug"],
+        descriptor_reference=kw["descriptor_reference"],
         signals=SignalSettings(atlas=kw["atlas"], target_tr=kw["target_tr"]),
     )
     if cfg.analysis_level == "participant":

@@ -60,6 +60,7 @@ class Config:
     cv_group: str | None = None
     folds: int = 5
     debug: bool = False
+    descriptor_reference: Path | None = None
     signals: SignalSettings = field(default_factory=SignalSettings)
 
     def to_dict(self) -> dict[str, Any]:

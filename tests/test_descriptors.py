@@ -18,7 +18,6 @@ from bids_fmrilm.descriptors import (
     describe,
     level_of,
     load_reference,
-    load_roi_run,
     read_corpus,
     save_reference,
     zscore,
@@ -215,20 +214,24 @@ def test_abide_features_finite(monkeypatch):
     if not ABIDE.is_dir() or not CC200.is_file():
         pytest.skip(f"shared ABIDE CC200 data not found under {SHARED}")
     monkeypatch.setenv("BIDS_FMRILM_ATLAS_DIR", str(CC200.parent))
-    from bids_fmrilm.descriptors import find_runs, run_record
+    from bids_fmrilm.bids.layout import find_runs
+    from bids_fmrilm.descriptors import run_record
 
-    paths = find_runs(ABIDE)[::70][:10]
-    assert len(paths) == 10
-    for p in paths:
-        rec = run_record(p, ABIDE)
-        assert _all_finite_or_none(rec["features"]), p
+    labels = sorted(p.name for p in ABIDE.glob("sub-*"))[::70][:10]
+    runs = find_runs(ABIDE, participant_label=tuple(labels))
+    assert len(runs) == 10
+    for r in runs:
+        rec = run_record(r)
+        assert _all_finite_or_none(rec["features"]), r.path
         assert rec["features"]["fc_within.DefaultMode"] is not None
-        assert rec["tr"] >= 1.0
+        assert rec["tr"] == 2.0  # the model TR, as at the participant level
 
 
 # -------------------------------------------------------------------------------------- corpus
 def _write_dataset(root: Path, n_sub: int = 3) -> None:
     root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "sim", "BIDSVersion": "1.10.0", "DatasetType": "derivative", "GeneratedBy": [{"Name": "test"}]}))
     rows = []
     for i in range(n_sub):
         sub = f"{i + 1:02d}"
@@ -250,12 +253,19 @@ def _write_dataset(root: Path, n_sub: int = 3) -> None:
     pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
 
 
-def test_load_roi_run(tmp_path):
+def test_run_record_uses_the_signal_pipeline(tmp_path):
+    from bids_fmrilm.bids.layout import find_runs
+    from bids_fmrilm.descriptors import run_record
+    from bids_fmrilm.signals.pipeline import extract_signals
+
     _write_dataset(tmp_path / "ds")
-    ts, tr, meta = load_roi_run(tmp_path / "ds/sub-02/func/sub-02_task-rest_atlas-Sim_timeseries.tsv.gz")
-    assert tr == TR and ts.shape == (N_VOL, 19) and meta["atlas"] == "Sim" and meta["n_no_signal"] == 1
-    assert np.isnan(ts[:, 2]).all() and np.isfinite(np.delete(ts, 2, axis=1)).all()
-    assert abs(np.nanmean(ts[:, 0])) < 0.5  # offset of 100 removed by detrending + high-pass
+    run = find_runs(tmp_path / "ds", participant_label=("02",))[0]
+    sig = extract_signals(run, __import__("bids_fmrilm.config", fromlist=["SignalSettings"]).SignalSettings())
+    assert sig.timeseries.shape == (N_VOL, 19) and sig.flat_rois == ["ROI002"]
+    assert np.isnan(sig.timeseries[:, 2]).all() and abs(np.nanmean(sig.timeseries[:, 0])) < 0.5
+    rec = run_record(run, phenotype={"fd_mean": 0.2})
+    assert rec["atlas"] == "Sim" and rec["qc"]["n_rois_no_signal"] == 1 and rec["tr"] == TR
+    assert _all_finite_or_none(rec["features"]) and rec["features"]["motion.fd_mean"] == pytest.approx(0.2)
 
 
 def test_corpus_build_and_resume(tmp_path):

@@ -19,6 +19,8 @@ Three kinds of input are recognised (see DESIGN.md, "Inputs"):
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from typing import Any
 import nibabel as nib
 
 from ..errors import DataError, MissingInputError, NothingSelectedError, UsageError
+
+log = logging.getLogger("bids_fmrilm")
 
 ENTITY_ORDER = [
     ("subject", "sub"),
@@ -174,13 +178,56 @@ def _is_mni_image(path: Path, meta: dict[str, Any]) -> bool:
         return False
 
 
+def _shown(path: str) -> str:
+    """A path printable whatever its bytes (undecodable bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _unindexable(root: Path) -> list[str]:
+    """Paths under ``root`` that pybids must not index, each reported with a warning.
+
+    Symbolic links to a folder that contains them (``sub-01/func/loop -> ..``) would be indexed
+    again and again until the system's link limit; names that are not UTF-8 cannot be stored in
+    pybids' database and would stop indexing of the whole dataset.
+    """
+    skip: list[str] = []
+    top_ignored = {"derivatives", "sourcedata", "code", "models", "stimuli"}  # pybids does not index these
+    for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: links are listed, not entered
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                       and not (dirpath == str(root) and d in top_ignored)]
+        here = os.path.realpath(dirpath)
+        for name in list(dirnames) + filenames:
+            full = os.path.join(dirpath, name)
+            try:
+                name.encode("utf-8")
+            except UnicodeEncodeError:
+                log.warning("%s: file name is not valid UTF-8; skipped. Fix: rename it with UTF-8 characters",
+                            _shown(full))
+                skip.append(full)
+                continue
+            if name in dirnames and os.path.islink(full):
+                target = os.path.realpath(full)
+                if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                    log.warning("%s: symbolic link to a folder above it (a loop); skipped. Fix: remove the link",
+                                _shown(full))
+                    skip.append(full)
+        dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip]
+    return skip
+
+
 def _layout(root: Path, derivative: bool):
     from bids.layout import BIDSLayout, BIDSLayoutIndexer
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
 
     try:
+        skip = _unindexable(root)
+        ignore = None
+        if skip:
+            ignore = list(DEFAULT_LOCATIONS_TO_IGNORE) + [
+                re.compile("^" + re.escape("/" + os.path.relpath(p, root)) + "(/|$)") for p in skip]
         # metadata is read per run (read_sidecar), so one malformed sidecar cannot stop indexing
         return BIDSLayout(root, validate=False, is_derivative=derivative,
-                          indexer=BIDSLayoutIndexer(validate=False, index_metadata=False))
+                          indexer=BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=ignore))
     except Exception as exc:
         raise DataError(f"pybids cannot index this dataset ({exc.__class__.__name__}: {exc})", path=root,
                         fix="check dataset_description.json and the file names") from None

@@ -15,7 +15,10 @@ import gzip
 import io
 import json
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,13 +63,61 @@ def _os_error(exc: OSError, path: Path) -> Exception:
     return IOFailure(f"cannot write ({exc.strerror or exc})", path=path)
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
+def temp_prefix(path: Path, pid: int | None = None) -> str:
+    """Prefix of the temporary files written for ``path``: ``.<name>.<host>.<pid>.``.
+
+    Host and process id let a later run tell files of a killed process from those of a live one.
+    """
+    return f".{Path(path).name}.{_HOST}.{os.getpid() if pid is None else pid}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists
+        return True
+    return True
+
+
+def remove_stale_temp_files(root: Path, max_age_s: float = 86400.0) -> list[Path]:
+    """Remove temporary files (``.*.tmp``) that a killed process left under ``root``.
+
+    A temporary file is stale when the process that wrote it (named in the file name) no longer
+    runs on this host, or when it is older than ``max_age_s`` (files of other hosts on shared
+    storage, or of older versions). Files of live processes are kept, so several participant-level
+    processes can share an output folder.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if not (name.startswith(".") and name.endswith(".tmp")):
+                continue
+            p = Path(dirpath) / name
+            parts = name.split(".")
+            try:
+                mine = len(parts) >= 5 and parts[-4] == _HOST and parts[-3].isdigit()
+                stale = (mine and not _pid_alive(int(parts[-3]))) or now - p.lstat().st_mtime > max_age_s
+                if stale:
+                    p.unlink()
+                    removed.append(p)
+            except OSError:
+                continue
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
         raise _os_error(exc, path) from None
@@ -155,7 +206,11 @@ class DerivativesWriter:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _os_error(exc, self.root) from None
+            if exc.errno == errno.ENOSPC:
+                raise _os_error(exc, self.root) from None
+            # whatever the reason (EROFS, EACCES, ENOENT under /proc ...), OUTPUT_DIR cannot be created
+            raise CantCreateError(f"output folder cannot be created ({exc.strerror or exc})", path=self.root,
+                                  fix="choose a writable OUTPUT_DIR") from None
         if not os.access(self.root, os.W_OK):
             raise CantCreateError("output folder is not writable", path=self.root, fix="choose a writable OUTPUT_DIR")
         with self._lock():

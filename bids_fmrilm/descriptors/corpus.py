@@ -3,9 +3,10 @@
 Two passes: features of every run (in parallel), then -- against a given reference, or one built
 from the runs themselves -- z-scores, categorical levels and a seeded text description per run.
 
-Runs are read directly from a derivative folder of ROI time series
-(``sub-*/[ses-*/]func/*_timeseries.tsv[.gz]`` with a JSON sidecar giving ``RepetitionTime``) by
-:func:`load_roi_run`, a small function meant to be swapped for the shared signal pipeline later.
+Runs are found and cleaned by the same code as the participant level
+(:func:`bids_fmrilm.bids.layout.find_runs`, :func:`bids_fmrilm.signals.pipeline.extract_signals`),
+so the corpus and the participant level's descriptors agree: ROI time-series derivatives and
+fMRIPrep derivatives in MNI space both work, and series are at the model TR.
 
 The output is resumable: lines already in ``OUT.jsonl`` are kept (a partial last line is
 dropped), their runs are skipped, and every new line is written and flushed on its own.
@@ -16,184 +17,33 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
-import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .features import compute_features, signal_mask
+from ..bids.layout import Run, find_runs
+from ..config import SignalSettings
+from ..signals.pipeline import RunSignals, extract_signals
+from .features import compute_features
 from .reference import build_reference, save_reference, zscore
 from .text import describe, level_of
 
 logger = logging.getLogger(__name__)
 
-HIGH_PASS_HZ = 0.008
-"""High-pass cutoff (Hz) of the cleaning applied by :func:`load_roi_run`."""
 
-TS_PATTERNS = ("sub-*/func/*_timeseries.tsv.gz", "sub-*/ses-*/func/*_timeseries.tsv.gz",
-               "sub-*/func/*_timeseries.tsv", "sub-*/ses-*/func/*_timeseries.tsv")
+def run_features(sig: RunSignals, fd_mean: float | None = None) -> dict:
+    """Descriptor features of a run's cleaned signals (the participant level uses the same call).
 
-ATLAS_TABLES = {"cc200": "CC200_centroids.csv"}
-"""Atlas name (lower case) to ROI-centroid file searched in ``$BIDS_FMRILM_ATLAS_DIR``."""
-
-_ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
-
-
-# --------------------------------------------------------------------------------------- reading
-def find_runs(input_dir: str | os.PathLike, participant_label: Sequence[str] | None = None) -> list[Path]:
-    """ROI time-series files of a derivative folder, sorted.
-
-    Parameters
-    ----------
-    input_dir : path
-        Root of the derivative dataset.
-    participant_label : sequence of str, optional
-        Keep these subjects only (with or without the ``sub-`` prefix).
+    Motion comes from the run's framewise displacement when confounds gave it, else from
+    ``fd_mean`` (e.g. the ``fd_mean`` column of participants.tsv).
     """
-    root = Path(input_dir)
-    found: set[Path] = set()
-    for pat in TS_PATTERNS:
-        found.update(root.glob(pat))
-    if participant_label:
-        keep = {p.removeprefix("sub-") for p in participant_label}
-        found = {p for p in found if parse_entities(p).get("subject") in keep}
-    return sorted(found)
-
-
-def parse_entities(path: str | os.PathLike) -> dict[str, str]:
-    """BIDS entities of a file name (``sub`` -> ``subject``, ``ses`` -> ``session``...)."""
-    name = Path(path).name.split(".")[0]
-    long = {"sub": "subject", "ses": "session", "task": "task", "run": "run", "acq": "acquisition",
-            "atlas": "atlas", "desc": "desc", "space": "space", "rec": "reconstruction", "echo": "echo"}
-    out = {}
-    for part in name.split("_"):
-        m = _ENTITY.fullmatch(part)
-        if m:
-            out[long.get(m.group(1), m.group(1))] = m.group(2)
-    return out
-
-
-def _sidecar(tsv_path: Path) -> dict:
-    stem = tsv_path.name.split(".")[0]
-    side = tsv_path.with_name(stem + ".json")
-    if side.is_file():
-        with open(side, encoding="utf-8") as fh:
-            return json.load(fh)
-    return {}
-
-
-def load_roi_run(tsv_path: str | os.PathLike) -> tuple[np.ndarray, float, dict]:
-    """Read and clean one run of ROI time series.
-
-    Parameters
-    ----------
-    tsv_path : path
-        ``*_timeseries.tsv[.gz]``: header row of ROI names, one row per volume, ``n/a`` for
-        missing values; its JSON sidecar must give ``RepetitionTime`` (s).
-
-    Returns
-    -------
-    ts : ndarray of shape (n_volumes, n_rois)
-        Detrended, high-passed (:data:`HIGH_PASS_HZ`), unstandardized series. Columns without
-        signal (all-NaN, mostly NaN or zero-variance) are left out of the cleaning and returned
-        as all-NaN.
-    tr : float
-        Repetition time in seconds.
-    meta : dict
-        ``columns`` (ROI names), ``atlas`` (from the ``atlas-`` entity or the sidecar's
-        ``Atlas``), ``n_no_signal`` and ``sidecar``.
-    """
-    from nilearn import signal
-
-    tsv_path = Path(tsv_path)
-    side = _sidecar(tsv_path)
-    tr = side.get("RepetitionTime")
-    if tr is None or not np.isfinite(float(tr)) or float(tr) <= 0:
-        raise ValueError(f"{tsv_path}: the JSON sidecar gives no valid RepetitionTime")
-    tr = float(tr)
-    df = pd.read_csv(tsv_path, sep="\t", na_values=["n/a"], keep_default_na=True)
-    raw = df.to_numpy(dtype=float)
-    ok = signal_mask(raw)
-    # Volumes with a NaN in a column with signal are censored; clean the remaining ones.
-    rows = np.all(np.isfinite(raw[:, ok]), axis=1)
-    ts = np.full(raw.shape, np.nan)
-    if ok.any() and rows.sum() >= 3:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            ts[np.ix_(rows, ok)] = signal.clean(
-                raw[np.ix_(rows, ok)], detrend=True, standardize=False, high_pass=HIGH_PASS_HZ, t_r=tr
-            )
-    ents = parse_entities(tsv_path)
-    meta = {
-        "columns": [str(c) for c in df.columns],
-        "atlas": ents.get("atlas") or side.get("Atlas") or "unknown",
-        "n_no_signal": int((~ok).sum()),
-        "sidecar": side,
-    }
-    return ts, tr, meta
-
-
-def _atlas_dirs() -> list[Path]:
-    env = os.environ.get("BIDS_FMRILM_ATLAS_DIR", "")
-    return [Path(p) for p in env.split(os.pathsep) if p]
-
-
-@lru_cache(maxsize=8)
-def _atlas_table(atlas: str, dirs: tuple[str, ...]) -> pd.DataFrame | None:
-    fname = ATLAS_TABLES.get(atlas.lower())
-    if not fname:
-        return None
-    for d in dirs:
-        path = Path(d) / fname
-        if path.is_file():
-            break
-    else:
-        return None
-    from bids_fmrilm.signals.atlas import assign_networks
-
-    t = pd.read_csv(path)
-    t.columns = [c.strip() for c in t.columns]
-    idx = t["ROI number"].astype(int).to_numpy()
-    xyz = t[["x", "y", "z"]].to_numpy(dtype=float)
-    return pd.DataFrame(
-        {
-            "index": idx,
-            "name": [f"ROI{i:03d}" for i in idx],
-            "network": assign_networks(xyz),
-            "x": xyz[:, 0],
-            "y": xyz[:, 1],
-            "z": xyz[:, 2],
-        }
-    )
-
-
-def roi_table(atlas: str, columns: Sequence[str]) -> pd.DataFrame:
-    """ROI table (``index, name, network, x, y, z``) matching the columns of a run.
-
-    Known atlases (:data:`ATLAS_TABLES`) are read from ``$BIDS_FMRILM_ATLAS_DIR`` and get networks
-    from :func:`bids_fmrilm.signals.atlas.assign_networks`; columns are matched by name, else by
-    position when the counts agree. Anything else gets ``unassigned`` networks (global features
-    only).
-    """
-    table = _atlas_table(atlas, tuple(str(d) for d in _atlas_dirs()))
-    cols = [str(c) for c in columns]
-    if table is not None:
-        by_name = table.set_index("name")
-        if set(cols) <= set(by_name.index):
-            return by_name.loc[cols].reset_index()[["index", "name", "network", "x", "y", "z"]]
-        if len(table) == len(cols):
-            return table.assign(name=cols)
-        logger.warning("ROI columns do not match the %s table; networks unassigned", atlas)
-    return pd.DataFrame(
-        {"index": np.arange(1, len(cols) + 1), "name": cols, "network": "unassigned",
-         "x": np.nan, "y": np.nan, "z": np.nan}
-    )
+    fd = sig.fd if sig.fd is not None and len(sig.fd) else None
+    return compute_features(sig.timeseries, sig.atlas.rois, sig.tr,
+                            fd_mean=sig.mean_fd if fd is not None else fd_mean, fd=fd)
 
 
 def read_phenotype(input_dir: str | os.PathLike) -> dict[str, dict]:
@@ -216,48 +66,47 @@ def read_phenotype(input_dir: str | os.PathLike) -> dict[str, dict]:
 
 
 # ----------------------------------------------------------------------------- feature records
-def run_record(tsv_path: str | os.PathLike, input_dir: str | os.PathLike, phenotype: Mapping | None = None) -> dict:
+def run_record(run: Run, settings: SignalSettings | None = None, phenotype: Mapping | None = None) -> dict:
     """Feature record of one run: ``run``, ``atlas``, ``tr``, ``features``, ``phenotype``, ``qc``.
 
-    ``phenotype["fd_mean"]``, when present, gives ``motion.fd_mean``.
+    The run goes through the same signal pipeline as the participant level
+    (:func:`bids_fmrilm.signals.pipeline.extract_signals`: cleaning, resampling to the model TR).
     """
-    tsv_path = Path(tsv_path)
-    ts, tr, meta = load_roi_run(tsv_path)
-    rois = roi_table(meta["atlas"], meta["columns"])
+    settings = settings or SignalSettings()
+    sig = extract_signals(run, settings)
     phenotype = dict(phenotype or {})
-    fd_mean = phenotype.get("fd_mean")
     try:
-        fd_mean = float(fd_mean) if fd_mean is not None else None
+        fd_mean = float(phenotype["fd_mean"]) if phenotype.get("fd_mean") is not None else None
     except (TypeError, ValueError):
         fd_mean = None
-    feats = compute_features(ts, rois, tr, fd_mean=fd_mean)
-    ents = parse_entities(tsv_path)
-    run = {"path": tsv_path.relative_to(input_dir).as_posix()}
+    feats = run_features(sig, fd_mean)
+    info = {"path": run.relpath()}
     for k in ("subject", "session", "task", "run"):
-        run[k] = ents.get(k)
+        v = run.entities.get(k)
+        info[k] = None if v is None else str(v)
     return {
-        "run": run,
-        "atlas": meta["atlas"],
-        "tr": tr,
+        "run": info,
+        "atlas": sig.atlas.name,
+        "tr": sig.tr,
         "features": feats,
         "phenotype": phenotype,
-        "qc": {"n_volumes": int(ts.shape[0]), "n_rois": int(ts.shape[1]), "n_rois_no_signal": meta["n_no_signal"]},
+        "qc": {"n_volumes": int(sig.timeseries.shape[0]), "n_rois": int(sig.atlas.n_rois),
+               "n_rois_no_signal": len(sig.empty_rois) + len(sig.flat_rois)},
     }
 
 
-def _run_record_task(args: tuple[str, str, dict, str]) -> dict:
-    tsv, root, phen, atlas_env = args
-    if atlas_env:
-        os.environ["BIDS_FMRILM_ATLAS_DIR"] = atlas_env
+def _run_record_task(args: tuple[Run, SignalSettings, dict]) -> dict:
+    run, settings, phen = args
     try:
-        return run_record(tsv, root, phen)
+        return run_record(run, settings, phen)
     except Exception as exc:  # one bad run must not stop the corpus
-        return {"run": {"path": Path(tsv).relative_to(root).as_posix()}, "error": f"{type(exc).__name__}: {exc}"}
+        msg = exc.one_line() if hasattr(exc, "one_line") else f"{type(exc).__name__}: {exc}"
+        return {"run": {"path": run.relpath()}, "error": msg}
 
 
 def compute_records(
-    paths: Sequence[Path],
-    input_dir: str | os.PathLike,
+    runs: Sequence[Run],
+    settings: SignalSettings | None = None,
     phenotype: Mapping[str, Mapping] | None = None,
     nprocs: int = 1,
     progress: bool = True,
@@ -267,9 +116,8 @@ def compute_records(
     Runs that fail to load get a record with an ``error`` message instead of ``features``.
     """
     phenotype = phenotype or {}
-    root = str(Path(input_dir))
-    env = os.environ.get("BIDS_FMRILM_ATLAS_DIR", "")
-    tasks = [(str(p), root, dict(phenotype.get(parse_entities(p).get("subject", ""), {})), env) for p in paths]
+    settings = settings or SignalSettings()
+    tasks = [(r, settings, dict(phenotype.get(str(r.entities.get("subject", "")), {}))) for r in runs]
     out: list[dict] = []
     with _progress(progress) as prog:
         task_id = prog.add_task("features", total=len(tasks))
@@ -426,14 +274,16 @@ def build_corpus_from_dir(
     seed: int = 0,
     participant_label: Sequence[str] | None = None,
     progress: bool = True,
+    settings: SignalSettings | None = None,
 ) -> dict:
-    """Build (or resume) the descriptor corpus of a folder of ROI time-series derivatives.
+    """Build (or resume) the descriptor corpus of a dataset the BIDS-App accepts.
 
     Parameters
     ----------
     input_dir : path
-        Derivative dataset with ``sub-*/[ses-*/]func/*_timeseries.tsv[.gz]`` and, optionally,
-        ``participants.tsv`` (all columns go to ``phenotype``; ``fd_mean`` feeds motion).
+        ROI time-series derivatives (``sub-*/[ses-*/]func/*_timeseries.tsv[.gz]``) or fMRIPrep
+        derivatives in MNI space, and, optionally, ``participants.tsv`` (all columns go to
+        ``phenotype``; ``fd_mean`` feeds motion when the run has no confounds).
     out_jsonl : path
         Corpus file (appended to; runs already in it are skipped).
     reference : dict, optional
@@ -448,6 +298,8 @@ def build_corpus_from_dir(
         Base seed of the text phrasing.
     participant_label : sequence of str, optional
         Restrict to these subjects.
+    settings : SignalSettings, optional
+        Signal pipeline settings (atlas, model TR); the defaults of the BIDS-App otherwise.
 
     Returns
     -------
@@ -455,23 +307,21 @@ def build_corpus_from_dir(
         As :func:`build_corpus`, plus ``n_runs``.
     """
     input_dir = Path(input_dir)
-    paths = find_runs(input_dir, participant_label)
-    if not paths:
-        raise FileNotFoundError(f"{input_dir}: no sub-*/[ses-*/]func/*_timeseries.tsv[.gz] files")
+    runs = find_runs(input_dir, participant_label=tuple(participant_label or ()))
     phenotype = read_phenotype(input_dir)
     # Features of runs already in the corpus are reused, so resuming does not recompute them.
     existing = {e["run"]["path"]: e for e in read_corpus(out_jsonl)}
     todo, records = [], {}
-    for p in paths:
-        rel = p.relative_to(input_dir).as_posix()
+    for r in runs:
+        rel = r.relpath()
         if rel in existing:
             e = existing[rel]
             records[rel] = {k: e[k] for k in ("run", "atlas", "tr", "features", "phenotype", "qc") if k in e}
         else:
-            todo.append(p)
-    for rec in compute_records(todo, input_dir, phenotype, nprocs=nprocs, progress=progress):
+            todo.append(r)
+    for rec in compute_records(todo, settings, phenotype, nprocs=nprocs, progress=progress):
         records[rec["run"]["path"]] = rec
-    ordered = [records[p.relative_to(input_dir).as_posix()] for p in paths]
+    ordered = [records[r.relpath()] for r in runs]
 
     filt, name = None, input_dir.name
     if reference_sites:
@@ -482,5 +332,5 @@ def build_corpus_from_dir(
                           reference_filter=filt, progress=progress)
     if save_reference_to:
         save_reference(result["reference"], save_reference_to)
-    result["n_runs"] = len(paths)
+    result["n_runs"] = len(runs)
     return result

@@ -207,3 +207,14 @@ def load_reference(path: str | os.PathLike) -> dict:
     if not isinstance(ref, dict) or not isinstance(ref.get("features"), dict):
         raise ValueError(f"{path}: not a descriptor reference (no 'features' mapping)")
     return ref
+
+
+DEFAULT_REFERENCE = Path(__file__).resolve().parent.parent / "data" / "reference" / "abide1_cc200_tr2.json"
+"""Normative reference shipped with the package: all 727 ABIDE I runs (12 sites, CC200 ROIs with
+Seitzman-2018 networks), built with ``fmrilm corpus`` through the BIDS-App's own signal pipeline
+(model TR 2 s). ABIDE data are for non-commercial research use."""
+
+
+def default_reference() -> dict:
+    """The packaged normative reference (see :data:`DEFAULT_REFERENCE`)."""
+    return load_reference(DEFAULT_REFERENCE)

@@ -17,7 +17,7 @@ import pandas as pd
 from ..bids.layout import strip_prefix
 from ..bids.writer import read_json, write_json, write_tsv
 from ..config import Config
-from ..errors import MissingInputError
+from ..errors import DataError, MissingInputError
 from .participant import check_paths
 
 log = logging.getLogger("bids_fmrilm")
@@ -123,7 +123,12 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
     sub = labels.values.loc[pids]
     labels = type(labels)(labels.name, labels.task_type, sub, labels.excluded,
                           labels.groups.loc[pids] if labels.groups is not None else None)
-    folds = make_folds(labels, pids, cfg.folds, cfg.seed)
+    try:
+        folds = make_folds(labels, pids, cfg.folds, cfg.seed)
+    except DataError as exc:  # too few participants or groups: name the labels table
+        if exc.path is not None:
+            raise
+        raise DataError(exc.message, path=table, fix=exc.fix) from None
     X = np.stack([fc_features(files[p]) for p in pids])
     y = labels.values.to_numpy()
     classes = labels.classes or None

@@ -20,7 +20,7 @@ from typing import Any
 from .. import __version__
 from ..bids.layout import Run, find_runs, load_filters, read_dataset_description
 from ..bids.validate import validate_dataset
-from ..bids.writer import DerivativesWriter, read_json, write_bytes, write_json, write_tsv
+from ..bids.writer import DerivativesWriter, read_json, remove_stale_temp_files, write_bytes, write_json, write_tsv
 from ..config import Config
 from ..errors import BidsAppError, CantCreateError, ExitCode, UsageError
 from ..signals.atlas import clean_name
@@ -40,6 +40,7 @@ class RunResult:
     code: int = 0
     outputs: tuple[str, ...] = ()
     seconds: float = 0.0
+    traceback: str = ""
 
 
 def check_paths(cfg: Config) -> None:
@@ -74,15 +75,71 @@ def select_runs(cfg: Config) -> list[Run]:
 def settings_record(cfg: Config) -> dict[str, Any]:
     """What a run's outputs depend on; a change forces recomputation."""
     import dataclasses
+    import hashlib
 
-    return {"Version": __version__, "Signals": dataclasses.asdict(cfg.signals), "SettingsHash": cfg.signals.digest()}
+    ref = descriptor_reference(cfg)
+    blob = f"{cfg.signals.digest()}|{ref['id']}|{cfg.seed}"
+    return {"Version": __version__, "Signals": dataclasses.asdict(cfg.signals), "DescriptorReference": ref["id"],
+            "Seed": cfg.seed, "SettingsHash": hashlib.sha256(blob.encode()).hexdigest()[:12]}
 
 
-def process_run(run: Run, cfg: Config) -> RunResult:
-    """Compute and write the derivatives of one run; never raises for data problems."""
+def descriptor_reference(cfg: Config) -> dict[str, Any]:
+    """The normative reference descriptors are z-scored against (``--descriptor-reference`` or packaged)."""
+    from ..descriptors.reference import DEFAULT_REFERENCE, load_reference
+    from ..errors import DataError, MissingInputError
+
+    path = Path(cfg.descriptor_reference) if cfg.descriptor_reference else DEFAULT_REFERENCE
+    if not path.is_file():
+        raise MissingInputError("descriptor reference not found", path=path,
+                                fix="give a JSON written by fmrilm corpus --save-reference")
+    try:
+        ref = load_reference(path)
+        ref["id"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"not a descriptor reference ({exc.__class__.__name__}: {exc})", path=path,
+                        fix="give a JSON written by fmrilm corpus --save-reference") from None
+    return ref
+
+
+def write_descriptors(run: Run, sig, cfg: Config, writer: DerivativesWriter, atlas: str,
+                      phenotype: dict[str, Any] | None, record: dict[str, Any]) -> Path:
+    """``*_atlas-<A>_desc-descriptors_features.json``: features, z-scores, levels and text."""
+    from ..descriptors.corpus import _text_seed, run_features
+    from ..descriptors.reference import zscore
+    from ..descriptors.text import describe, level_of
+
+    fd_mean = None
+    if phenotype and phenotype.get("fd_mean") not in (None, ""):
+        try:
+            fd_mean = float(phenotype["fd_mean"])
+        except (TypeError, ValueError):
+            fd_mean = None
+    ref = descriptor_reference(cfg)
+    feats = run_features(sig, fd_mean)
+    z = zscore(feats, ref)
+    path = writer.path(run, "features", ".json", atlas=atlas, desc="descriptors")
+    write_json(path, {
+        "Description": "Imaging descriptors of the run: features, robust z-scores against the reference, levels, text",
+        "Text": describe(feats, z, seed=_text_seed(cfg.seed, run.relpath())),
+        "ReferenceID": ref["id"],
+        "ReferenceName": ref.get("name"),
+        "Features": feats,
+        "ZScores": z,
+        "Levels": {k: level_of(v) for k, v in z.items()},
+        **record,
+    })
+    return path
+
+
+def process_run(run: Run, cfg: Config, phenotype: dict[str, Any] | None = None) -> RunResult:
+    """Compute and write the derivatives of one run; never raises for data problems.
+
+    The time series sidecar is written last: it marks the run complete.
+    """
     t0 = time.time()
     writer = DerivativesWriter(cfg.output_dir, cfg.bids_dir)
     record = settings_record(cfg)
+    started: list[Path] = []  # outputs of this run being (re)written: removed together if one fails
     try:
         sig = None
         # the atlas entity is needed for the names; for ROI inputs it is the input's own. Known
@@ -105,7 +162,9 @@ def process_run(run: Run, cfg: Config) -> RunResult:
         table = cfg.output_dir / f"atlas-{atlas}_dseg.tsv"
         if not table.exists():
             write_bytes(table, sig.atlas.roi_table_tsv().encode())
+        started = [js_path, ts_path, writer.path(run, "features", ".json", atlas=atlas, desc="descriptors")]
         write_tsv(ts_path, signals_frame(sig))
+        feat_path = write_descriptors(run, sig, cfg, writer, atlas, phenotype, record)
         meta = {
             "RepetitionTime": sig.tr,
             "Atlas": sig.atlas.name,
@@ -119,14 +178,26 @@ def process_run(run: Run, cfg: Config) -> RunResult:
             **record,
         }
         write_json(js_path, meta)
-        return RunResult(run.run_id, run.relpath(), "done", "", 0, (str(ts_path), str(js_path)), time.time() - t0)
+        return RunResult(run.run_id, run.relpath(), "done", "", 0, (str(ts_path), str(feat_path), str(js_path)),
+                         time.time() - t0)
     except BidsAppError as exc:
-        _crash_report(cfg, run, exc)
-        return RunResult(run.run_id, run.relpath(), "failed", exc.one_line(), int(exc.code), (), time.time() - t0)
+        _remove_outputs(started)
+        tb = _crash_report(cfg, run, exc)
+        return RunResult(run.run_id, run.relpath(), "failed", exc.one_line(), int(exc.code), (), time.time() - t0, tb)
     except Exception as exc:  # a bug or an unforeseen input: reported, other runs go on
-        _crash_report(cfg, run, exc)
+        _remove_outputs(started)
+        tb = _crash_report(cfg, run, exc)
         reason = f"{run.relpath()}: unexpected {exc.__class__.__name__}: {exc}".splitlines()[0]
-        return RunResult(run.run_id, run.relpath(), "failed", reason, int(ExitCode.ERROR), (), time.time() - t0)
+        return RunResult(run.run_id, run.relpath(), "failed", reason, int(ExitCode.ERROR), (), time.time() - t0, tb)
+
+
+def _remove_outputs(paths: list[Path]) -> None:
+    """Remove a run's half-written outputs (the sidecar first: without it the run reads as not done)."""
+    for p in paths:
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _complete(json_path: Path, record: dict[str, Any]) -> bool:
@@ -134,13 +205,14 @@ def _complete(json_path: Path, record: dict[str, Any]) -> bool:
     return bool(meta) and meta.get("SettingsHash") == record["SettingsHash"] and meta.get("Version") == record["Version"]
 
 
-def _crash_report(cfg: Config, run: Run, exc: BaseException) -> None:
-    text = f"run: {run.relpath()}\nerror: {exc}\n\n" + "".join(
-        traceback.format_exception(type(exc), exc, exc.__traceback__))
+def _crash_report(cfg: Config, run: Run, exc: BaseException) -> str:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = f"run: {run.relpath()}\nerror: {exc}\n\n" + tb
     try:
         write_bytes(cfg.output_dir / "logs" / f"{run.run_id}_{run.path.name.split('.')[0][-40:]}_crash.txt", text.encode())
     except BidsAppError:
         pass
+    return tb
 
 
 def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
@@ -152,20 +224,25 @@ def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
     runs = select_runs(cfg)
     writer = DerivativesWriter(cfg.output_dir, cfg.bids_dir)
     writer.init_dataset()
+    stale = remove_stale_temp_files(cfg.output_dir)
+    if stale:
+        log.info("removed %d temporary files left by an interrupted run", len(stale))
+    descriptor_reference(cfg)  # a bad --descriptor-reference fails here, once, not per run
+    phenotypes = read_phenotypes(cfg.bids_dir)
     results: list[RunResult] = []
     bar = _progress(progress)
     with bar:
         task = bar.add_task("runs", total=len(runs))
         if cfg.nprocs > 1 and len(runs) > 1:
             with ProcessPoolExecutor(max_workers=cfg.nprocs) as pool:
-                futures = {pool.submit(process_run, r, cfg): r for r in runs}
+                futures = {pool.submit(process_run, r, cfg, phenotypes.get(r.subject)): r for r in runs}
                 for fut in as_completed(futures):
                     results.append(fut.result())
                     _report(results[-1], cfg)
                     bar.advance(task)
         else:
             for r in runs:
-                results.append(process_run(r, cfg))
+                results.append(process_run(r, cfg, phenotypes.get(r.subject)))
                 _report(results[-1], cfg)
                 bar.advance(task)
     results.sort(key=lambda r: (r.run_id, r.source))
@@ -176,6 +253,8 @@ def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
 def _report(res: RunResult, cfg: Config) -> None:
     if res.status == "failed":
         log.error("%s", res.reason)
+        if cfg.debug and res.traceback:
+            log.debug("%s failed:\n%s", res.run_id, res.traceback.rstrip())
 
 
 def _progress(enabled: bool):
@@ -192,7 +271,12 @@ def _write_summary(cfg: Config, results: list[RunResult]) -> None:
     df = pd.DataFrame([{"run": r.run_id, "source": r.source, "status": r.status, "exit_code": r.code,
                         "seconds": round(r.seconds, 2), "reason": r.reason} for r in results])
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    write_tsv(cfg.output_dir / "logs" / f"participant_{stamp}_{os.getpid()}_summary.tsv", df)
+    path = cfg.output_dir / "logs" / f"participant_{stamp}_{os.getpid()}_summary.tsv"
+    n = 1
+    while path.exists():  # a second run in the same second (in-process): keep both tables
+        path = path.with_name(f"participant_{stamp}_{os.getpid()}-{n}_summary.tsv")
+        n += 1
+    write_tsv(path, df)
 
 
 def exit_code(results: list[RunResult]) -> int:
@@ -201,5 +285,17 @@ def exit_code(results: list[RunResult]) -> int:
     return failed[0].code if failed else 0
 
 
-def filters_from_file(path: str | None) -> dict[str, Any]:
-    return load_filters(path)
+def read_phenotypes(bids_dir: Path) -> dict[str, dict[str, Any]]:
+    """participants.tsv rows by label (no ``sub-``); empty when absent or unreadable."""
+    import pandas as pd
+
+    p = Path(bids_dir) / "participants.tsv"
+    try:
+        df = pd.read_csv(p, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    if "participant_id" not in df:
+        return {}
+    df = df.drop_duplicates("participant_id")
+    return {str(r["participant_id"]).removeprefix("sub-"): {k: (None if pd.isna(v) else v) for k, v in r.items()}
+            for r in df.to_dict(orient="records")}

@@ -95,9 +95,11 @@ def usable_columns(ts: np.ndarray, tol: float = 1e-8) -> np.ndarray:
     finite = np.isfinite(ts).all(axis=0)
     sd = np.zeros(ts.shape[1])
     sd[finite] = ts[:, finite].std(axis=0)
-    scale = np.maximum(np.abs(np.nanmedian(np.where(np.isfinite(ts), ts, np.nan), axis=0)), 1.0)
-    with np.errstate(invalid="ignore"):
-        return finite & (sd > tol * np.nan_to_num(scale, nan=1.0))
+    med = np.zeros(ts.shape[1])
+    if finite.any():
+        med[finite] = np.median(ts[:, finite], axis=0)
+    scale = np.maximum(np.abs(med), 1.0)
+    return finite & (sd > tol * scale)
 
 
 def clean_timeseries(

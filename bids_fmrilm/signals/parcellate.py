@@ -56,7 +56,9 @@ def load_header(path: str | Path) -> nib.Nifti1Image:
     """
     path = Path(path)
     if not path.exists():
-        raise MissingInputError("file not found", path=path)
+        broken = path.is_symlink()
+        raise MissingInputError("file not found" + (" (broken symbolic link)" if broken else ""), path=path,
+                                fix="restore the file (or its link target), or exclude the run with --bids-filter-file")
     try:
         img = nib.load(path)
     except Exception as exc:
@@ -68,6 +70,10 @@ def load_header(path: str | Path) -> nib.Nifti1Image:
                         fix="give the 4D BOLD run, not a single volume")
     if len(shape) != 4 or min(shape) < 1:
         raise DataError(f"image has shape {shape}, expected (x, y, z, time)", path=path)
+    dtype = np.dtype(img.header.get_data_dtype())
+    if dtype.fields is not None or dtype.kind not in "biuf":  # RGB(A), complex, ...: not a BOLD magnitude series
+        raise DataError(f"image data type {dtype.name if dtype.fields is None else 'RGB/structured'} is not a real-valued "
+                        "scalar type", path=path, fix="give a magnitude BOLD series (integer or float voxels)")
     return img
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -17,6 +18,8 @@ from ..errors import DataError, MissingInputError
 from .atlas import Atlas, clean_name, load_atlas, table_for_columns
 from .clean import Confounds, clean_timeseries, read_confounds, resample_to_tr, usable_columns
 from .parcellate import load_header, parcellate
+
+log = logging.getLogger("bids_fmrilm")
 
 
 @dataclass
@@ -176,7 +179,13 @@ def extract_signals(run: Run, settings: SignalSettings) -> RunSignals:
         )
     if run.kind == "volume":
         img = load_header(run.path)
-        tr = repetition_time(run, _header_tr(img))
+        header_tr = _header_tr(img)
+        tr = repetition_time(run, header_tr)
+        if header_tr and abs(header_tr - tr) > 1e-3 * tr:
+            note = (f"RepetitionTime {tr:g} s from the sidecar used; the NIfTI header says {header_tr:g} s")
+            log.warning("%s: %s (BIDS: the sidecar wins). Fix: correct the header (pixdim[4]) or the sidecar",
+                        run.path, note)
+            steps.append(note)
         _check_in_template(img, run.path)
         atlas = atlas_for_run(run, settings)
         mask = nib.load(run.mask) if run.mask else None
@@ -214,7 +223,11 @@ def extract_signals(run: Run, settings: SignalSettings) -> RunSignals:
             path=run.path, fix="exclude this run with --bids-filter-file, or give a longer run")
 
     has_voxels = np.array([n not in set(empty) for n in atlas.rois["name"].astype(str)])
-    flat = [str(n) for n, ok, hv in zip(atlas.rois["name"], usable_columns(ts), has_voxels) if hv and not ok]
+    usable = usable_columns(ts)
+    flat = [str(n) for n, ok, hv in zip(atlas.rois["name"], usable, has_voxels) if hv and not ok]
+    if not usable.any():
+        raise DataError(f"no signal: no region of atlas {atlas.name} has finite, non-constant values", path=run.path,
+                        fix="check the image (all NaN, zero or constant?) and re-export or re-run preprocessing")
     high_pass, low_pass = settings.high_pass, settings.low_pass
     n_filters = sum(f is not None and f < 0.5 / tr for f in (high_pass, low_pass))
     # nilearn's zero-phase Butterworth filter (order 5) pads by 18 volumes (33 band-pass); scipy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,6 +78,32 @@ class RunData:
         return run_key(e)
 
 
+_ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
+_LONG = {"sub": "subject", "ses": "session", "task": "task", "run": "run", "acq": "acquisition",
+         "atlas": "atlas", "desc": "desc", "space": "space", "rec": "reconstruction", "echo": "echo"}
+TS_PATTERNS = ("sub-*/func/*_timeseries.tsv.gz", "sub-*/ses-*/func/*_timeseries.tsv.gz",
+               "sub-*/func/*_timeseries.tsv", "sub-*/ses-*/func/*_timeseries.tsv")
+
+
+def parse_entities(path: str | os.PathLike) -> dict[str, str]:
+    """BIDS entities of a file name (``sub`` -> ``subject``, ``ses`` -> ``session`` ...)."""
+    out = {}
+    for part in Path(path).name.split(".")[0].split("_"):
+        m = _ENTITY.fullmatch(part)
+        if m:
+            out[_LONG.get(m.group(1), m.group(1))] = m.group(2)
+    return out
+
+
+def find_timeseries(root: str | os.PathLike) -> list[Path]:
+    """``sub-*/[ses-*/]func/*_timeseries.tsv[.gz]`` files of a derivative folder, sorted."""
+    root = Path(root)
+    found: set[Path] = set()
+    for pat in TS_PATTERNS:
+        found.update(root.glob(pat))
+    return sorted(found)
+
+
 def run_key(entities: dict) -> tuple:
     """Join key of a run: (subject, session, task, run), with None for absent entities."""
     return tuple(None if entities.get(k) in (None, "") else str(entities.get(k))
@@ -115,12 +142,11 @@ def load_timeseries_dir(root: str | os.PathLike, keys: set | None = None, log=No
     keys : set of tuple, optional
         Only runs whose :func:`run_key` is in this set.
     """
-    from ..descriptors.corpus import find_runs, parse_entities
     from ..signals.pipeline import read_roi_timeseries
 
     root = Path(root)
     runs, coords_cache = [], {}
-    for path in find_runs(root):
+    for path in find_timeseries(root):
         ents = parse_entities(path)
         if keys is not None and run_key(ents) not in keys:
             continue

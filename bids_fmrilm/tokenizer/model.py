@@ -367,14 +367,27 @@ class TokenizerModel(nn.Module):
     def embed_text(self, text_emb: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(text_emb - self.text_mean), dim=-1)
 
-    def forward(self, patches, coords, time_mask=None):
+    def forward(self, patches, coords, time_mask=None, with_embedding=False, text_emb=None):
+        """Encode, quantize, decode; optionally the pooled run embedding and projected texts.
+
+        Everything trainable runs inside ``forward`` so that DDP/FSDP wrappers see it.
+        """
         z, roi = self.encode(patches, coords, time_mask)
         valid = None if time_mask is None else time_mask[:, :, None].expand(z.shape[:3])
         q, ids, commit = self.quantizer(z, valid)
         recon, hidden = self.decoder(q, roi, time_mask)
-        return {"z": z, "q": q, "ids": ids, "commit": commit, "recon": recon, "hidden": hidden, "roi": roi}
+        out = {"z": z, "q": q, "ids": ids, "commit": commit, "recon": recon, "hidden": hidden, "roi": roi}
+        if with_embedding:
+            out["run_emb"] = self.pooler(recon, hidden, roi, time_mask)
+        if text_emb is not None:
+            out["text_emb"] = self.embed_text(text_emb)
+            out["logit_scale"] = self.logit_scale.clamp(max=math.log(100.0)).exp()
+        return out
 
     def run_embedding(self, out: dict, time_mask=None) -> torch.Tensor:
+        """Pooled run embedding (B, embed_dim) of a :meth:`forward` output."""
+        if "run_emb" in out:
+            return out["run_emb"]
         return self.pooler(out["recon"], out["hidden"], out["roi"], time_mask)
 
     def adversarial_loss(self, q: torch.Tensor, word_emb: torch.Tensor, n: int = 1024) -> torch.Tensor:

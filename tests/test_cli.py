@@ -261,7 +261,7 @@ def test_force_recomputes(sim, first, work):
     after = tree_mtimes(out)
     changed = sorted(k for k in after if after[k] != before[k])
     assert changed == sorted(k for k in before if k.startswith("sub-02/"))
-    assert len(changed) == 2
+    assert len(changed) == 3  # time series TSV + JSON, descriptors JSON
     assert output_hashes(out) == first["hashes"]  # recomputed, same bytes
 
 
@@ -280,7 +280,7 @@ def test_same_seed_outputs_byte_identical(sim, first, work):
     res = run_cli(sim["root"], out, "participant", "--seed", "0")
     assert res.code == 0, res.stderr
     assert output_hashes(out) == first["hashes"]
-    assert len(first["hashes"]) == 2 * len(ALL_RUNS) + 1
+    assert len(first["hashes"]) == 3 * len(ALL_RUNS) + 1  # series TSV + JSON and descriptors per run, + ROI table
 
 
 def test_nprocs_2_identical(sim, first, work):
@@ -311,7 +311,7 @@ def test_selection(sim, first, work, args, expected):
     assert run_ids(out) == expected
     selected = {k: v for k, v in first["hashes"].items()
                 if k.startswith("atlas-") or any(Path(k).name.startswith(r + "_") for r in expected)}
-    assert len(selected) == 2 * len(expected) + 1
+    assert len(selected) == 3 * len(expected) + 1
     assert output_hashes(out) == selected  # the same bytes as when all runs are processed
 
 

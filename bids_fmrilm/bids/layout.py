@@ -121,9 +121,15 @@ def read_dataset_description(root: Path) -> dict[str, Any]:
             fix="point BIDS_DIR at the dataset root, the folder that holds dataset_description.json",
         )
     try:
-        return json.loads(dd.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"malformed JSON ({exc})", path=dd, fix="make it valid JSON") from None
+        desc = json.loads(dd.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
+        raise DataError(f"malformed JSON ({exc.__class__.__name__}: {exc})", path=dd, fix="make it valid JSON") from None
+    except OSError as exc:
+        raise MissingInputError(f"cannot read ({exc.strerror or exc})", path=dd, fix="check the file is readable") from None
+    if not isinstance(desc, dict):
+        raise DataError(f"holds a JSON {type(desc).__name__}, not an object", path=dd,
+                        fix='write a JSON object such as {"Name": "...", "BIDSVersion": "1.10.0"}')
+    return desc
 
 
 def read_sidecar(path: Path, root: Path) -> dict[str, Any]:
@@ -159,11 +165,20 @@ def read_sidecar(path: Path, root: Path) -> dict[str, Any]:
                 continue
             cands.append((len(jparts), js))
         for _, js in sorted(cands):
+            if not js.is_file():  # a folder or a broken link named like a sidecar
+                continue
             try:
-                meta.update(json.loads(js.read_text(encoding="utf-8")))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                obj = json.loads(js.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
                 raise DataError(f"malformed JSON sidecar ({exc.__class__.__name__}: {exc})", path=js,
                                 fix="make it valid JSON") from None
+            except OSError as exc:
+                raise DataError(f"cannot read JSON sidecar ({exc.strerror or exc})", path=js,
+                                fix="check the file is readable") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"JSON sidecar holds a {type(obj).__name__}, not an object", path=js,
+                                fix='make it a JSON object such as {"RepetitionTime": 2.0}')
+            meta.update(obj)
     return meta
 
 
@@ -412,3 +427,21 @@ def _attach_companions(run: Run) -> None:
     run.confounds = conf if conf.is_file() else None
     mask = run.path.parent / f"{base}_desc-brain_mask.nii.gz"
     run.mask = mask if mask.is_file() else None
+
+
+def find_t1w(run: Run) -> Path | None:
+    """The participant's T1-weighted image for a raw run (``sub-<L>/[ses-<S>/]anat/*_T1w.nii[.gz]``).
+
+    The run's session is preferred, then any session; among several, the first by name (``run-1``
+    before ``run-2``). Derivative images (``space-``/``desc-`` entities) are not raw T1w images.
+    None when the participant has none.
+    """
+    root = Path(run.dataset or run.path.parents[2])
+    sub = root / f"sub-{run.subject}"
+    ses = run.entities.get("session")
+    pattern = "*_T1w.nii*"
+    cands = sorted((sub / f"ses-{ses}" / "anat").glob(pattern)) if ses else []
+    cands += [p for p in sorted(sub.glob(f"**/anat/{pattern}")) if p not in cands]
+    cands = [p for p in cands if p.name.endswith((".nii", ".nii.gz")) and "_space-" not in p.name
+             and "_desc-" not in p.name]
+    return cands[0] if cands else None

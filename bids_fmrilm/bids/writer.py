@@ -145,9 +145,25 @@ def write_bytes(path: Path, data: bytes) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> Path:
-    """Write JSON atomically (sorted keys off: readers see fields in a meaningful order)."""
-    text = json.dumps(obj, indent=2, default=_json_default, allow_nan=False) + "\n"
+    """Write JSON atomically (sorted keys off: readers see fields in a meaningful order).
+
+    NaN and infinite values are written as ``null``: standard JSON has no NaN.
+    """
+    text = json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
     return write_bytes(path, text.encode("utf-8"))
+
+
+def _finite(o: Any) -> Any:
+    """``o`` with NaN/inf floats (also in numpy arrays and scalars) replaced by None."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_finite(v) for v in o]
+    if isinstance(o, np.ndarray):
+        return _finite(o.tolist())
+    if isinstance(o, float | np.floating):
+        return float(o) if np.isfinite(o) else None
+    return o
 
 
 def _json_default(o: Any) -> Any:
@@ -157,6 +173,8 @@ def _json_default(o: Any) -> Any:
         return float(o)
     if isinstance(o, np.ndarray):
         return o.tolist()
+    if isinstance(o, np.bool_):
+        return bool(o)
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
@@ -179,11 +197,12 @@ def write_tsv(path: Path, df: pd.DataFrame, float_format: str = "%.6g") -> Path:
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
-    """Read a JSON file; None when absent or unreadable."""
+    """Read a JSON object; None when absent, unreadable or not an object."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: JSONDecodeError, UnicodeDecodeError
         return None
+    return obj if isinstance(obj, dict) else None
 
 
 class DerivativesWriter:

@@ -104,45 +104,64 @@ class AxialAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: TokenizerConfig, axis: str):
+    """Axial transformer block: attention over ROIs, then over time patches, then an MLP."""
+
+    def __init__(self, cfg: TokenizerConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model)
-        self.attn = AxialAttention(cfg, axis)
-        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ln_roi = nn.LayerNorm(cfg.d_model)
+        self.attn_roi = AxialAttention(cfg, "roi")
+        self.ln_time = nn.LayerNorm(cfg.d_model)
+        self.attn_time = AxialAttention(cfg, "time")
+        self.ln_mlp = nn.LayerNorm(cfg.d_model)
         self.mlp = MLP(cfg)
 
     def forward(self, x, time_mask=None):
-        x = x + self.attn(self.ln1(x), time_mask)
-        return x + self.mlp(self.ln2(x))
+        x = x + self.attn_roi(self.ln_roi(x))
+        x = x + self.attn_time(self.ln_time(x), time_mask)
+        return x + self.mlp(self.ln_mlp(x))
 
 
-def axial_stack(cfg: TokenizerConfig, n_layers: int) -> nn.ModuleList:
-    return nn.ModuleList(Block(cfg, axis) for _ in range(n_layers) for axis in ("roi", "time"))
+def _identity_like(linear: nn.Linear) -> None:
+    """Initialise a bias-free linear map as an isometric embedding (or its transpose)."""
+    with torch.no_grad():
+        w = torch.zeros_like(linear.weight)
+        n = min(w.shape)
+        w[:n, :n] = torch.eye(n)
+        linear.weight.copy_(w)
 
 
 class Encoder(nn.Module):
+    """Patch -> code vector. A linear skip (initialised as an isometric embedding of the patch)
+    plus a transformer branch that sees the run's context: at initialisation the tokenizer is
+    k-means of the raw patches; training adds what context buys."""
+
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.patch_in = nn.Linear(cfg.patch_len, cfg.d_model)
-        self.blocks = axial_stack(cfg, cfg.enc_layers)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.enc_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.to_code = nn.Linear(cfg.d_model, cfg.code_dim)
+        self.skip = nn.Linear(cfg.patch_len, cfg.code_dim, bias=False)
 
     def forward(self, patches, roi_emb, time_mask=None):
         B, T, R, P = patches.shape
         x = self.patch_in(patches) + roi_emb[None, None] + time_embedding(T, roi_emb.shape[-1], patches.device)[None, :, None]
         for blk in self.blocks:
             x = blk(x, time_mask)
-        return self.to_code(self.ln_f(x))
+        return self.skip(patches) + self.to_code(self.ln_f(x))
 
 
 class Decoder(nn.Module):
+    """Code vectors of the run -> patches: a linear skip (the inverse of the encoder's at
+    initialisation) plus a transformer branch reading all tokens of the run."""
+
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
         self.code_in = nn.Linear(cfg.code_dim, cfg.d_model)
-        self.blocks = axial_stack(cfg, cfg.dec_layers)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.dec_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.patch_len)
+        self.skip = nn.Linear(cfg.code_dim, cfg.patch_len, bias=False)
 
     def forward(self, q, roi_emb, time_mask=None):
         B, T, R, _ = q.shape
@@ -150,7 +169,7 @@ class Decoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, time_mask)
         h = self.ln_f(x)
-        return self.head(h), h
+        return self.skip(q) + self.head(h), h
 
 
 # ------------------------------------------------------------------------------- quantizer
@@ -347,12 +366,18 @@ class TokenizerModel(nn.Module):
             self.code_to_llm = nn.Linear(cfg.code_dim, self.llm_dim)
             self.discriminator = nn.Sequential(nn.Linear(self.llm_dim, 256), nn.GELU(), nn.Linear(256, 1))
         self.apply(self._init)
+        # Start as "k-means of the raw patches": isometric skips, context branches silent.
+        _identity_like(self.encoder.skip)
+        _identity_like(self.decoder.skip)
+        nn.init.zeros_(self.encoder.to_code.weight)
+        nn.init.zeros_(self.decoder.head.weight)
 
     @staticmethod
     def _init(m):
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
     # -- pieces
     def encode(self, patches, coords, time_mask=None):

@@ -37,5 +37,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	BIDS_FMRILM_ATLAS_DIR=$${BIDS_FMRILM_ATLAS_DIR:-$(SHARED)/atlases} $(PY) benchmarks/parcellation.py
 
+.PHONY: container-test
+container-test:  # static checks always; podman/apptainer build and run where the machine allows
+	SHARED=$(SHARED) PYTHON=$(abspath $(PY)) bash scripts/container_test.sh
+
 clean:
 	rm -rf $(VENV) demo_out build *.egg-info

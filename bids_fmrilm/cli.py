@@ -77,6 +77,14 @@ def _setup_logging(debug: bool) -> None:
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="Group level: cross-validation folds.")
 @click.option("--descriptor-reference", type=click.Path(path_type=Path), metavar="JSON",
               help="Normative reference for descriptor z-scores (from fmrilm corpus --save-reference); default: the packaged ABIDE reference.")
+@click.option("--preproc", type=click.Choice(["auto", "minimal", "none"]), default="auto", show_default=True,
+              help="Raw scanner-space BOLD: 'auto' uses fMRIPrep output when found, else runs the minimal ANTsPy "
+                   "pipeline (motion, registration to MNI, confounds); 'minimal' the same (fMRIPrep output, where found, is still "
+                   "preferred); 'none' refuses such runs (exit 66). "
+                   "fMRIPrep first is recommended.")
+@click.option("--save-preproc", is_flag=True, help="Also write the preprocessed BOLD series of raw runs (MNI, 2 mm).")
+@click.option("--omp-nthreads", type=click.IntRange(0), default=0, show_default=True,
+              help="Threads per run for ANTs/ITK (0: CPUs divided by --nprocs).")
 @click.option("--debug", is_flag=True, help="Verbose logging and tracebacks.")
 @click.version_option(__version__, "-v", "--version", prog_name="bids_fmrilm")
 def bids_app_command(**kw) -> int:
@@ -120,7 +128,12 @@ def bids_app_command(**kw) -> int:
         debug=kw["debug"],
         descriptor_reference=kw["descriptor_reference"],
         signals=SignalSettings(atlas=kw["atlas"], target_tr=kw["target_tr"]),
+        preproc=kw["preproc"],
+        save_preproc=kw["save_preproc"],
+        omp_nthreads=kw["omp_nthreads"],
     )
+    # ITK reads its thread count once, when it first starts threads: set it before any ANTs call
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(cfg.threads_per_run())
     if cfg.analysis_level == "participant":
         from .levels.participant import exit_code, run_participant
 

@@ -62,6 +62,17 @@ class Config:
     debug: bool = False
     descriptor_reference: Path | None = None
     signals: SignalSettings = field(default_factory=SignalSettings)
+    preproc: str = "auto"  # raw native-space BOLD: "auto"/"minimal" run preprocessing/, "none" refuses it
+    save_preproc: bool = False  # also write the preprocessed BOLD series
+    omp_nthreads: int = 0  # threads per run for ANTs/ITK; 0: CPUs / nprocs
+
+    def threads_per_run(self) -> int:
+        """ANTs/ITK threads for one run (``--omp-nthreads``, else the CPUs shared by ``--nprocs``)."""
+        import os
+
+        if self.omp_nthreads and self.omp_nthreads > 0:
+            return int(self.omp_nthreads)
+        return max(1, (os.cpu_count() or 1) // max(1, int(self.nprocs)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready view of the configuration."""

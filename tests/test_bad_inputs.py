@@ -382,7 +382,8 @@ def _raw_dataset(root: Path, template: Path) -> Path:
 
 def test_native_space_raw_bold(datasets, tmp_path):
     raw = _raw_dataset(tmp_path / "raw", datasets.template(n_subjects=2))
-    res = run_cli(raw, tmp_path / "out", "participant")  # validated: the dataset is valid BIDS
+    # --preproc none: raw native-space BOLD is refused (auto would run the minimal pipeline)
+    res = run_cli(raw, tmp_path / "out", "participant", "--preproc", "none")  # validated: the dataset is valid BIDS
     assert "BIDS validation passed" in res.stderr
     line = check_run_failed(res, tmp_path / "out", 66, str(raw / "sub-01" / "func" / "sub-01_task-rest_bold.nii.gz"))
     assert "native space" in line and "fMRIPrep" in line

@@ -12,8 +12,10 @@ Three kinds of input are recognised (see DESIGN.md, "Inputs"):
     ROI time series derivatives (``*_atlas-<A>_timeseries.tsv[.gz]`` with ``RepetitionTime`` in
     the sidecar), as written by C-PAC or XCP-D.
 ``raw``
-    BOLD in the scanner's space. It is refused with a clear message (exit 66) until a
-    preprocessing step exists for it: run fMRIPrep first and pass its output.
+    BOLD in the scanner's space. fMRIPrep first is recommended (its output is preferred when
+    found); otherwise ``--preproc auto`` runs the minimal pipeline of
+    :mod:`bids_fmrilm.preprocessing` on it (with the participant's T1w, :func:`find_t1w`), and
+    ``--preproc none`` refuses it with a clear message (exit 66).
 """
 
 from __future__ import annotations
@@ -202,11 +204,21 @@ def _unindexable(root: Path) -> list[str]:
     """Paths under ``root`` that pybids must not index, each reported with a warning.
 
     Symbolic links to a folder that contains them (``sub-01/func/loop -> ..``) would be indexed
-    again and again until the system's link limit; names that are not UTF-8 cannot be stored in
-    pybids' database and would stop indexing of the whole dataset.
+    again and again until the system's link limit, and links to another indexed folder of the
+    dataset (``func/x -> ../anat``, ``anat/y -> ../func``) would index its runs twice or loop;
+    names that are not UTF-8 cannot be stored in pybids' database and would stop indexing of the
+    whole dataset.
     """
     skip: list[str] = []
     top_ignored = {"derivatives", "sourcedata", "code", "models", "stimuli"}  # pybids does not index these
+    real_root = os.path.realpath(root)
+
+    def indexed_in_dataset(target: str) -> bool:
+        if target != real_root and not target.startswith(real_root + os.sep):
+            return False
+        parts = Path(os.path.relpath(target, real_root)).parts
+        return not any(x.startswith(".") for x in parts) and not (parts and parts[0] in top_ignored)
+
     for dirpath, dirnames, filenames in os.walk(root):  # followlinks=False: links are listed, not entered
         dirnames[:] = [d for d in dirnames if not d.startswith(".")
                        and not (dirpath == str(root) and d in top_ignored)]
@@ -225,6 +237,10 @@ def _unindexable(root: Path) -> list[str]:
                 if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
                     log.warning("%s: symbolic link to a folder above it (a loop); skipped. Fix: remove the link",
                                 _shown(full))
+                    skip.append(full)
+                elif indexed_in_dataset(target):
+                    log.warning("%s: symbolic link to %s, a folder of the dataset indexed where it is; skipped. "
+                                "Fix: remove the link", _shown(full), _shown(os.path.relpath(target, real_root)))
                     skip.append(full)
         dirnames[:] = [d for d in dirnames if os.path.join(dirpath, d) not in skip]
     return skip

@@ -147,13 +147,32 @@ def process_run(run: Run, cfg: Config, phenotype: dict[str, Any] | None = None) 
         atlas_name = None
         if run.kind == "roi":
             atlas_name = run.entities.get("atlas")
-        elif run.kind == "volume":
+        elif run.kind == "volume" or (run.kind == "raw" and cfg.preproc != "none"):
             atlas_name = clean_name(atlas_for_run(run, cfg.signals).name)
+        pre = None  # raw scanner-space run: the minimal preprocessing (bids_fmrilm.preprocessing)
+        if run.kind == "raw" and cfg.preproc != "none":
+            from ..preprocessing.outputs import with_preproc_record
+
+            record = with_preproc_record(record, cfg)
         if atlas_name is not None:
             done = _complete(writer.path(run, "timeseries", ".json", atlas=atlas_name), record)
             if done and not cfg.force:
                 return RunResult(run.run_id, run.relpath(), "skipped", "complete, same settings", 0, (), time.time() - t0)
-        sig = extract_signals(run, cfg.signals)
+        if run.kind == "raw" and cfg.preproc != "none":
+            from ..preprocessing.outputs import output_paths, preprocess_for, write_outputs
+            from ..signals.parcellate import load_header
+            from ..signals.pipeline import _header_tr, repetition_time
+
+            tr = repetition_time(run, _header_tr(load_header(run.path)))  # bad TR: fail before the heavy work
+            pre = preprocess_for(run, cfg, tr)
+        try:
+            sig = extract_signals(run, cfg.signals, preprocessed=pre)
+            if pre is not None:
+                started += output_paths(run, pre, writer, cfg.save_preproc)
+                write_outputs(run, pre, writer, cfg.save_preproc)
+        finally:
+            if pre is not None and not cfg.debug:
+                pre.cleanup()
         atlas = atlas_entity(sig)
         ts_path = writer.path(run, "timeseries", ".tsv.gz", atlas=atlas)
         js_path = writer.path(run, "timeseries", ".json", atlas=atlas)
@@ -162,7 +181,7 @@ def process_run(run: Run, cfg: Config, phenotype: dict[str, Any] | None = None) 
         table = cfg.output_dir / f"atlas-{atlas}_dseg.tsv"
         if not table.exists():
             write_bytes(table, sig.atlas.roi_table_tsv().encode())
-        started = [js_path, ts_path, writer.path(run, "features", ".json", atlas=atlas, desc="descriptors")]
+        started = [js_path, ts_path, writer.path(run, "features", ".json", atlas=atlas, desc="descriptors")] + started
         write_tsv(ts_path, signals_frame(sig))
         feat_path = write_descriptors(run, sig, cfg, writer, atlas, phenotype, record)
         meta = {
@@ -175,6 +194,7 @@ def process_run(run: Run, cfg: Config, phenotype: dict[str, Any] | None = None) 
             "CleaningSteps": sig.steps,
             "Confounds": sig.confound_names,
             **sig.qc(),
+            **({"Preprocessing": pre.record()} if pre is not None else {}),
             **record,
         }
         write_json(js_path, meta)

@@ -102,3 +102,110 @@ def estimate_motion(data: np.ndarray, affine: np.ndarray, ref: np.ndarray, workd
         if advance is not None:
             advance()
     return mats, params
+
+
+def _drot(rx: float, ry: float, rz: float) -> list[np.ndarray]:
+    """Derivatives of ``Rz @ Ry @ Rx`` with respect to rx, ry, rz."""
+    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+    x = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    y = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    z = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    dx = np.array([[0, 0, 0], [0, -sx, -cx], [0, cx, -sx]])
+    dy = np.array([[-sy, 0, cy], [0, 0, 0], [-cy, 0, -sy]])
+    dz = np.array([[-sz, -cz, 0], [cz, -sz, 0], [0, 0, 0]])
+    return [z @ y @ dx, z @ dy @ x, dz @ y @ x]
+
+
+class GaussNewtonRealigner:
+    """Least-squares rigid realignment of volumes to a reference (SPM ``realign``-style).
+
+    Minimises ``sum_i (s * V(T_p(x_i)) - R(x_i))^2`` over the six rigid parameters ``p`` (the
+    convention of :mod:`.transforms`, about ``center``) and an intensity scale ``s`` with
+    Gauss-Newton, on Gaussian-smoothed images, at a coarse then a fine level; sample points are a
+    regular subgrid of the reference's bright (head) voxels. Trilinear sampling, analytic
+    gradients. Much faster than one ANTs registration per volume and as precise for
+    same-contrast volumes.
+    """
+
+    def __init__(self, ref: np.ndarray, affine: np.ndarray, center: np.ndarray,
+                 levels=((2.0, 3), (1.0, 2)), max_iter: int = 30, tol: float = 1e-4):
+        from scipy import ndimage
+
+        self.affine = np.asarray(affine, float)
+        self.inv = np.linalg.inv(self.affine)
+        self.center = np.asarray(center, float)
+        self.max_iter, self.tol = max_iter, tol
+        self.levels = []
+        thr = np.percentile(ref[ref > 0], 10) if (ref > 0).any() else 0.0
+        for sigma, stride in levels:
+            rs = ndimage.gaussian_filter(ref.astype(np.float64), sigma)
+            sub = np.zeros(ref.shape, bool)
+            sub[::stride, ::stride, ::stride] = True
+            sel = sub & (rs > 0.5 * thr)
+            edge = 2 + int(np.ceil(sigma))
+            sel[:edge], sel[-edge:], sel[:, :edge], sel[:, -edge:] = False, False, False, False
+            ijk = np.argwhere(sel).astype(np.float64)
+            ras = ijk @ self.affine[:3, :3].T + self.affine[:3, 3]
+            self.levels.append((sigma, ras, rs[sel]))
+
+    def _sample(self, vol_s: np.ndarray, grads: list[np.ndarray], ras: np.ndarray):
+        from scipy.ndimage import map_coordinates
+
+        ijk = (ras @ self.inv[:3, :3].T + self.inv[:3, 3]).T
+        v = map_coordinates(vol_s, ijk, order=1, mode="nearest")
+        g = np.stack([map_coordinates(gr, ijk, order=1, mode="nearest") for gr in grads], axis=1)
+        return v, g @ self.inv[:3, :3]  # d/d(ras) = d/d(ijk) @ inv(A)
+
+    def fit(self, vol: np.ndarray, p0: np.ndarray | None = None) -> np.ndarray:
+        """Parameters (trans mm, rot rad) carrying reference points to their place in ``vol``."""
+        from scipy import ndimage
+
+        from .transforms import euler_matrix
+
+        p = np.zeros(6) if p0 is None else np.asarray(p0, float).copy()
+        s = 1.0
+        c = self.center
+        for sigma, ras, rvals in self.levels:
+            vs = ndimage.gaussian_filter(vol.astype(np.float64), sigma)
+            grads = np.gradient(vs)
+            d = ras - c
+            for _ in range(self.max_iter):
+                r_m = euler_matrix(*p[3:])
+                pts = d @ r_m.T + c + p[:3]
+                v, g = self._sample(vs, grads, pts)
+                res = s * v - rvals
+                jac = np.empty((len(v), 7))
+                jac[:, :3] = s * g
+                for k, dr in enumerate(_drot(*p[3:])):
+                    jac[:, 3 + k] = s * np.einsum("ij,ij->i", g, d @ dr.T)
+                jac[:, 6] = v
+                h = jac.T @ jac
+                try:
+                    step = -np.linalg.solve(h + 1e-9 * np.trace(h) * np.eye(7), jac.T @ res)
+                except np.linalg.LinAlgError:
+                    break
+                p += step[:6]
+                s += step[6]
+                if np.abs(step[:3]).max() < self.tol and np.abs(step[3:6]).max() < self.tol / 50:
+                    break
+        return p
+
+
+def estimate_motion_gn(data: np.ndarray, affine: np.ndarray, ref: np.ndarray,
+                       advance: Callable[[], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Like :func:`estimate_motion`, with :class:`GaussNewtonRealigner` (numpy/scipy)."""
+    from .transforms import rigid_matrix
+
+    center = affine[:3, :3] @ ((np.array(ref.shape[:3]) - 1) / 2.0) + affine[:3, 3]
+    gn = GaussNewtonRealigner(ref, affine, center)
+    n = data.shape[3]
+    mats = np.zeros((n, 4, 4))
+    params = np.zeros((n, 6))
+    p = np.zeros(6)
+    for t in range(n):
+        p = gn.fit(data[..., t], p)
+        params[t] = p
+        mats[t] = FLIP @ rigid_matrix(p, center) @ FLIP
+        if advance is not None:
+            advance()
+    return mats, params

@@ -4,7 +4,7 @@ The participant's anatomy is nilearn's MNI152 template carried into a "native" s
 known map ``G`` (native RAS mm -> MNI mm): a rotation, an anisotropic scaling and a translation
 plus a smooth (sinusoidal) deformation. The T1w is the template seen through ``G``; the BOLD run
 is an EPI-like contrast of the same brain (CSF bright, white matter dark) through ``G`` on a
-coarser grid, with noise, a bright non-steady-state first volume, and rigid head motion injected
+coarser grid (blurred by a Gaussian point-spread function of FWHM ~ 1.2 voxels), with noise, a bright non-steady-state first volume, and rigid head motion injected
 in some volumes (each volume is sampled once from the template, so the motion is exact).
 """
 
@@ -102,6 +102,12 @@ def make_raw_dataset(root: str | Path, n_volumes: int = 20, bold_voxel_mm: float
     brain = np.asarray(brain_img.dataobj) > 0
     t1 = t1 * brain
     epi_mni = epi_contrast(t1, brain)
+    # the scanner's point-spread function: without it, sampling the fine template on the coarse
+    # EPI grid aliases, and a moved grid would see a different image, not a moved one
+    from scipy.ndimage import gaussian_filter
+
+    vox = float(np.sqrt((tpl.affine[:3, :3] ** 2).sum(0)).mean())
+    epi_mni = gaussian_filter(epi_mni, sigma=0.5 * bold_voxel_mm / vox).astype(np.float32)
 
     (root / f"sub-{subject}" / "func").mkdir(parents=True, exist_ok=True)
     (root / "dataset_description.json").write_text(json.dumps({

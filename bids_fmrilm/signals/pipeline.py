@@ -148,7 +148,7 @@ def _check_in_template(img: nib.Nifti1Image, path: Path) -> None:
                         fix="give BOLD resampled to MNI152 (fMRIPrep --output-spaces MNI152NLin2009cAsym)")
 
 
-def extract_signals(run: Run, settings: SignalSettings) -> RunSignals:
+def extract_signals(run: Run, settings: SignalSettings, preprocessed: Any = None) -> RunSignals:
     """Cleaned ROI time series of one run at the model TR.
 
     Volume runs are parcellated (streaming), confounds regressed when fMRIPrep confounds exist,
@@ -159,6 +159,9 @@ def extract_signals(run: Run, settings: SignalSettings) -> RunSignals:
     ----------
     run : Run
     settings : SignalSettings
+    preprocessed : bids_fmrilm.preprocessing.PreprocResult, optional
+        For a raw (scanner-space) run: its output of the minimal pipeline, which is parcellated
+        instead. Without it, raw runs are refused (``--preproc none``).
 
     Returns
     -------
@@ -172,11 +175,18 @@ def extract_signals(run: Run, settings: SignalSettings) -> RunSignals:
     steps: list[str] = []
     empty: list[str] = []
     if run.kind == "raw":
-        raise MissingInputError(
-            "BOLD is in the scanner's native space",
-            path=run.path,
-            fix="preprocess with fMRIPrep (--output-spaces MNI152NLin2009cAsym) and pass its output via --derivatives",
-        )
+        if preprocessed is None:
+            raise MissingInputError(
+                "BOLD is in the scanner's native space",
+                path=run.path,
+                fix="preprocess with fMRIPrep (--output-spaces MNI152NLin2009cAsym) and pass its output via "
+                    "--derivatives, or let bids_fmrilm run its minimal pipeline (--preproc auto)",
+            )
+        sig = extract_signals(preprocessed.volume_run(run), settings)
+        sig.steps = [f"minimal preprocessing (bids_fmrilm, ANTsPy): {x}" for x in preprocessed.steps] + sig.steps
+        sig.n_source_volumes = preprocessed.n_source_volumes
+        sig.dropped_volumes += preprocessed.n_dropped
+        return sig
     if run.kind == "volume":
         img = load_header(run.path)
         header_tr = _header_tr(img)

@@ -24,11 +24,11 @@ class TokenizerConfig:
     # --- patches
     patch_len: int = 8  # volumes per patch (8 x TR 2 s = 16 s)
     # --- transformer
-    d_model: int = 64
-    n_heads: int = 4
-    enc_layers: int = 1  # each layer = one ROI-axis (spatial) + one time-axis attention block
+    d_model: int = 32
+    n_heads: int = 2
+    enc_layers: int = 1  # each layer: attention over ROIs, attention over time patches, MLP
     dec_layers: int = 2
-    mlp_ratio: int = 4
+    mlp_ratio: int = 2
     dropout: float = 0.0
     fourier_bands: int = 12  # frequencies per coordinate axis for ROI embeddings
     fourier_min_wavelength_mm: float = 8.0
@@ -43,20 +43,22 @@ class TokenizerConfig:
     kmeans_iters: int = 15
     # --- losses
     spectral_weight: float = 0.1  # |rFFT| amplitude loss on each patch
-    contrastive_weight: float = 0.2
+    contrastive_weight: float = 0.1
     embed_dim: int = 128  # joint fMRI-text space
     n_groups: int = 16  # soft ROI groups (from coordinates) for the pooled connectivity summary
     adversarial_weight: float = 0.0  # domain-adversarial alignment with LLM word embeddings (off)
     # --- optimisation
-    batch_size: int = 8
+    batch_size: int = 4
     crop_patches: int = 12  # random crop length (patches) during training
     lr: float = 2e-3
+    encoder_lr_scale: float = 0.1  # the encoder learns through the straight-through estimator: go slow
+    freeze_encoder_skip: bool = True  # keep the code space anchored to the patch space
     weight_decay: float = 0.01
-    warmup_steps: int = 100
-    max_steps: int = 1500
+    warmup_steps: int = 50
+    max_steps: int = 800
     grad_clip: float = 1.0
     log_every: int = 25
-    checkpoint_every: int = 250
+    checkpoint_every: int = 200
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +78,7 @@ CONFIGS: dict[str, TokenizerConfig] = {
     ),
     "cpu": TokenizerConfig(),
     "paper": TokenizerConfig(
-        name="paper", patch_len=8, d_model=256, n_heads=8, enc_layers=4, dec_layers=4, fourier_bands=32,
+        name="paper", patch_len=8, d_model=256, n_heads=8, enc_layers=4, dec_layers=4, mlp_ratio=4, fourier_bands=32,
         codebook_size=8192, code_dim=128, ema_decay=0.99, kmeans_init_batches=8, kmeans_iters=20,
         embed_dim=256, n_groups=32, batch_size=32, crop_patches=16, lr=5e-4, warmup_steps=1000,
         max_steps=100_000, log_every=100, checkpoint_every=2000,

@@ -334,7 +334,9 @@ class RunPooler(nn.Module):
         tok = (hidden * m[:, :, None, None]).sum((1, 2)) / n_tok[:, None]  # (B,d)
         A = torch.softmax(self.group_logits(roi_emb), dim=-1)  # (R,G)
         A = A / A.sum(0, keepdim=True).clamp(min=1e-6)
-        series = recon.permute(0, 1, 3, 2).reshape(B, T * P, R)
+        # Connectivity of the decoded signal; detached so the alignment loss shapes the tokens
+        # through the token features, not by distorting the reconstruction.
+        series = recon.detach().permute(0, 1, 3, 2).reshape(B, T * P, R)
         mv = m.repeat_interleave(P, dim=1)[..., None]  # (B,TP,1)
         g = series @ A  # (B,TP,G)
         nv = mv.sum(1).clamp(min=2)
@@ -371,6 +373,8 @@ class TokenizerModel(nn.Module):
         _identity_like(self.decoder.skip)
         nn.init.zeros_(self.encoder.to_code.weight)
         nn.init.zeros_(self.decoder.head.weight)
+        if cfg.freeze_encoder_skip:
+            self.encoder.skip.weight.requires_grad_(False)
 
     @staticmethod
     def _init(m):

@@ -243,6 +243,8 @@ def train_tokenizer(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     t0 = time.time()
+    if os.environ.get("BIDS_FMRILM_THREADS"):
+        torch.set_num_threads(int(os.environ["BIDS_FMRILM_THREADS"]))
     cfg = get_config(config, **overrides)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -306,10 +308,15 @@ def train_tokenizer(
     model = TokenizerModel(cfg, text_dim=emb.shape[1],
                            llm_dim=word_embeddings.shape[1] if cfg.adversarial_weight > 0 else 0)
     model.text_mean.copy_(train_text.mean(0))
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    groups = []
+    for is_enc in (False, True):
+        for wd in (True, False):
+            ps = [p for n, p in model.named_parameters()
+                  if p.requires_grad and n.startswith("encoder.") == is_enc and (p.ndim >= 2) == wd]
+            if ps:
+                groups.append({"params": ps, "weight_decay": cfg.weight_decay if wd else 0.0,
+                               "lr": cfg.lr * (cfg.encoder_lr_scale if is_enc else 1.0)})
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
     ds = CropDataset(train_p, min(cfg.crop_patches, max(p.shape[0] for p in train_p)), seed)
     g = torch.Generator().manual_seed(seed)
@@ -361,7 +368,10 @@ def train_tokenizer(
 
     model.train()
     it = batches(step)
-    limit = None if max_minutes is None else t0 + 60 * max_minutes
+    t_loop = time.time()
+    prep_s = t_loop - t0
+    log(f"data, text embeddings and codebook initialisation took {prep_s:.0f} s; training")
+    limit = None if max_minutes is None else t_loop + 60 * max_minutes
     window: dict[str, list] = {}
     prog = Progress(TextColumn("train-tokenizer"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TextColumn("{task.fields[info]}"), disable=not (progress and accelerator.is_main_process))
@@ -419,7 +429,7 @@ def train_tokenizer(
                 stopped_early = True
                 break
     save_checkpoint(step)
-    train_s = time.time() - t0
+    train_s = time.time() - t_loop
 
     # ---- evaluation on held-out sites, same-bits baseline, checkpoint
     metrics: dict = {}
@@ -429,6 +439,7 @@ def train_tokenizer(
         base = kmeans_baseline(train_p, test_p, cfg.codebook_size, seed=seed)
         metrics = {**held_metrics, **base, "beats_kmeans": held_metrics["recon_r2"] > base["kmeans_r2"],
                    "steps": step, "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),
+                   "prep_wall_s": round(prep_s, 1),
                    "total_wall_s": round(time.time() - t0, 1)}
         meta = {
             "metrics": {"heldout": metrics},
@@ -468,7 +479,8 @@ def _llm_id(llm):
 @click.option("--config", "config_name", type=click.Choice(["tiny", "cpu", "paper"]), default="cpu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--heldout-sites", default=None, help="Comma-separated sites kept out of training (default: chosen by seed).")
-@click.option("--max-minutes", type=float, default=None, help="Stop training after this much wall time, then evaluate.")
+@click.option("--max-minutes", type=float, default=None,
+              help="Stop the training loop after this much wall time (checkpointed), then evaluate.")
 @click.option("--max-steps", type=int, default=None, help="Override the config's number of steps.")
 @click.option("--llm", default=None, help="Base LLM for text embeddings (default SmolLM2-135M-Instruct).")
 def train_tokenizer_command(corpus_jsonl, out_dir, timeseries_dir, config_name, seed, heldout_sites, max_minutes,

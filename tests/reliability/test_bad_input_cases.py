@@ -213,3 +213,18 @@ def test_logs_crash_report_and_summary(ds, tmp_path, guard):
     assert len(list((out / "logs").glob("*_crash.txt"))) == 1  # overwritten, not piled up
     assert_no_partial_files(out)
     assert len(timeseries_files(out)) == 1
+
+
+@pytest.mark.timeout(120)
+def test_mutual_folder_links(ds, tmp_path, guard):
+    """func/x -> ../anat and anat/y -> ../func: no endless indexing, no run found twice."""
+    (ds / "sub-01" / "anat").mkdir()
+    os.symlink("../anat", func(ds) / "x")
+    os.symlink("../func", ds / "sub-01" / "anat" / "y")
+    guard.protect(ds)
+    out = tmp_path / "out"
+    res = run_cli(ds, out, "participant")
+    check_done(res, out)
+    assert "a folder of the dataset indexed where it is" in res.line_with(str(func(ds) / "x"))
+    (js,) = out.glob("sub-01/func/*_timeseries.json")
+    assert json.loads(js.read_text())["Sources"] == [f"bids:raw:{bold(ds).relative_to(ds)}"]

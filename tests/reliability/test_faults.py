@@ -76,9 +76,8 @@ def test_kill_9_then_rerun_is_byte_identical(six, tmp_path):
     live.write_bytes(b"being written")
     n_done_before = len(list(out.glob("sub-*/**/func/*_timeseries.json")))
 
-    res = subprocess.run([str(CLI_EXE), six, out, "participant", "--nprocs", "1"], capture_output=True, text=True,
-                         timeout=240, env={**os.environ, **WIDE})
-    assert res.returncode == 0, res.stderr
+    res = run_cli(six, out, "participant", "--nprocs", "1")  # the re-run (in this live process)
+    assert res.code == 0, res.stderr
     assert "Traceback" not in res.stderr
     removed = re.search(r"removed (\d+) temporary files left by an interrupted run", res.stderr)
     assert removed and int(removed.group(1)) >= 1, res.stderr  # ours, and any the kill left mid-write
@@ -93,22 +92,23 @@ def test_kill_9_then_rerun_is_byte_identical(six, tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_two_processes_share_one_output(six, tmp_path):
+def test_two_processes_share_one_output(ds, tmp_path, guard):
     from bids_fmrilm.bids.writer import BIDSIGNORE
 
+    src = guard.protect(ds)  # two participants, one run each
     out = tmp_path / "out"
-    procs = [popen(six, out, "participant", "--participant-label", lab) for lab in ("01", "02 03")]
+    procs = [popen(src, out, "participant", "--participant-label", lab) for lab in ("01", "02")]
     results = [p.communicate(timeout=240) for p in procs]
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err
         assert "Traceback" not in err
     assert_no_partial_files(out)
-    assert done_runs(out) == ALL_SIX
+    assert done_runs(out) == ["sub-01_task-rest", "sub-02_task-rest"]
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative" and desc["BIDSVersion"]
     assert [g["Name"] for g in desc["GeneratedBy"]] == ["bids_fmrilm"]
-    assert desc["SourceDatasets"] == [{"URL": six.resolve().as_uri()}]
-    assert desc["DatasetLinks"] == {"raw": six.resolve().as_uri()}
+    assert desc["SourceDatasets"] == [{"URL": src.resolve().as_uri()}]
+    assert desc["DatasetLinks"] == {"raw": src.resolve().as_uri()}
     lines = (out / ".bidsignore").read_text().splitlines()
     assert len(lines) == len(set(lines)) and set(lines) == set(BIDSIGNORE)
     assert len(list((out / "logs").glob("participant_*_summary.tsv"))) == 2
@@ -156,3 +156,30 @@ def test_disk_full(ds, tmp_path, guard, tmpfs, monkeypatch):
     assert "no space left on device" in line and "free disk space" in line
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
     assert not list(out.glob("sub-02/**/*.*"))  # nothing of the failed run: no TSV, no descriptors, no JSON
+
+
+def test_stale_temp_files_rules(tmp_path):
+    """Dead process of this host or older than a day: removed; a live process's or another host's recent one: kept."""
+    from bids_fmrilm.bids.writer import _HOST, remove_stale_temp_files, temp_prefix
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    d = tmp_path / "out" / "sub-01" / "func"
+    d.mkdir(parents=True)
+    target = d / "x_timeseries.tsv.gz"
+    files = {
+        "dead": d / f"{temp_prefix(target, dead.pid)}aaaa1111.tmp",
+        "live": d / f"{temp_prefix(target)}bbbb2222.tmp",
+        "other_host": d / f".x_timeseries.tsv.gz.{_HOST}zz.{dead.pid}.cccc3333.tmp",
+        "old_other_host": d / f".x_timeseries.tsv.gz.{_HOST}zz.{dead.pid}.dddd4444.tmp",
+        "old_unnamed": d / ".x_timeseries.tsv.gz.eeee5555.tmp",
+        "output": target,
+    }
+    for p in files.values():
+        p.write_bytes(b"x")
+    two_days_ago = time.time() - 2 * 86400
+    for k in ("old_other_host", "old_unnamed"):
+        os.utime(files[k], (two_days_ago, two_days_ago))
+    removed = remove_stale_temp_files(tmp_path / "out")
+    assert sorted(removed) == sorted(files[k] for k in ("dead", "old_other_host", "old_unnamed"))
+    assert all(files[k].exists() for k in ("live", "other_host", "output"))

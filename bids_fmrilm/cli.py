@@ -79,8 +79,8 @@ def _setup_logging(debug: bool) -> None:
               help="Normative reference for descriptor z-scores (from fmrilm corpus --save-reference); default: the packaged ABIDE reference.")
 @click.option("--preproc", type=click.Choice(["auto", "minimal", "none"]), default="auto", show_default=True,
               help="Raw scanner-space BOLD: 'auto' uses fMRIPrep output when found, else runs the minimal ANTsPy "
-                   "pipeline (motion, registration to MNI, confounds); 'minimal' the same (fMRIPrep output, where found, is still "
-                   "preferred); 'none' refuses such runs (exit 66). "
+                   "pipeline (motion, registration to MNI, confounds); 'minimal' runs the minimal pipeline on raw runs even "
+                   "where fMRIPrep output exists; 'none' refuses raw scanner-space runs (exit 66). "
                    "fMRIPrep first is recommended.")
 @click.option("--save-preproc", is_flag=True, help="Also write the preprocessed BOLD series of raw runs (MNI, 2 mm).")
 @click.option("--omp-nthreads", type=click.IntRange(0), default=0, show_default=True,
@@ -247,8 +247,10 @@ def toolkit_group() -> None:
 
 def _register_toolkit() -> None:
     from .descriptors.cli import corpus_command
+    from .training.tokenizer import train_tokenizer_command
 
     toolkit_group.add_command(corpus_command, "corpus")
+    toolkit_group.add_command(train_tokenizer_command, "train-tokenizer")
 
 
 

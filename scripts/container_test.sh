@@ -98,7 +98,7 @@ check(frm is not None and frm.group(1).endswith(":" + version), f"Singularity.de
 run = re.search(r"^%runscript\n(.*?)(?=^%|\Z)", sd, re.M | re.S)
 check(run is not None and re.search(r"exec\s+bids_fmrilm\s+\"\$@\"", run.group(1)) is not None, "Singularity.def %runscript execs bids_fmrilm \"$@\"")
 check(re.search(r"^%test", sd, re.M) is not None, "Singularity.def has %test")
-check(re.search(r"org.opencontainers.image.version\s+" + re.escape(version), sd) is not None, f"Singularity.def label version {version}")
+check(re.search(r"^\s*Version\s+" + re.escape(version) + r"\s*$", sd, re.M) is not None, f"Singularity.def label Version {version}")
 bt = json.load(open("boutiques.json"))
 check(bt["tool-version"] == version, f"boutiques tool-version {bt['tool-version']} == {version}")
 img = bt["container-image"]["image"]
@@ -188,7 +188,7 @@ if [ $base_ok = 1 ]; then
   done
   timed "podman build" "${NICE[@]}" podman build --pull=never --isolation chroot --layers --format docker \
       "${BUILD_ARGS[@]}" "${SECRET[@]}" -t "$IMAGE" -f "$CTX/Dockerfile" "$CTX" 2>&1 | tee "$CACHE/build.log" \
-    | grep --line-buffered -E '^(---|STEP|COMMIT|Successfully tagged|torch |atlas: |bids_fmrilm,|fmrilm,|/opt/atlases/.*: OK$|Error|error)' | cut -c1-160
+    | grep --line-buffered -E '^(---|STEP|--> Using cache|COMMIT|Successfully tagged|torch |atlas: |bids_fmrilm,|fmrilm,|/opt/atlases/.*: OK$|Error|error)' | cut -c1-160
   if [ "${PIPESTATUS[0]}" = 0 ] && podman image exists "$IMAGE"; then
     image_ok=1
     podman image inspect --format 'image {{.Id}} size {{.Size}} user {{.Config.User}} entrypoint {{.Config.Entrypoint}} version label {{index .Labels "org.opencontainers.image.version"}}' "$IMAGE"
@@ -249,7 +249,7 @@ else
   # of the sid root filesystem: a chroot cannot create user namespaces. /dev/fuse is opened to all
   # in the container's own /dev, as on a usual host.
   in_sid() {
-    podman run --rm --privileged --network none --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
+    "${NICE[@]}" podman run --rm --privileged --network none --ulimit nofile=1024:1024 --ulimit nproc=4096:4096 \
       -w /home/tester --rootfs "$SID" /bin/bash -c \
       'chmod 666 /dev/fuse 2>/dev/null; exec runuser -u tester -- env HOME=/home/tester bash -c "$0"' "$1" 2>&1 \
       | grep --line-buffered -v -E '(gocryptfs|fuse2fs) not found'
@@ -257,7 +257,7 @@ else
   }
   if [ -n "$SID" ] && [ -e "$SID/.complete" ]; then
     H="$SID/home/tester"
-    IMG_ID="$(podman image inspect --format '{{.Id}}' "$IMAGE")"
+    IMG_ID="$(podman image inspect --format '{{.Id}}' "$IMAGE") $(sha256sum < Singularity.def | cut -c1-16)"
     if [ "$(cat "$H/image.id" 2>/dev/null)" != "$IMG_ID" ] || [ ! -s "$H/bids_fmrilm.sif" ]; then
       rm -f "$H/bids_fmrilm.sif" "$H/bids_fmrilm.tar"
       timed "podman save oci-archive" "${NICE[@]}" podman save --format oci-archive -o "$H/bids_fmrilm.tar" "$IMAGE" \
@@ -271,7 +271,7 @@ else
       if [ "${PIPESTATUS[0]}" = 0 ] && [ -s "$H/bids_fmrilm.sif" ]; then echo "$IMG_ID" > "$H/image.id"; ls -la "$H/bids_fmrilm.sif"
       else fail "apptainer build --fakeroot"; fi
       rm -f "$H/bids_fmrilm.tar"
-    else echo "cached: $H/bids_fmrilm.sif (image $IMG_ID)"; fi
+    else echo "cached: $H/bids_fmrilm.sif (image, Singularity.def digest: $IMG_ID)"; fi
     if [ -s "$H/bids_fmrilm.sif" ]; then
       rm -rf "$H/run"; mkdir -p "$H/run/out"
       "$PYTHON" -c "from bids_fmrilm.simulate import make_fmriprep_dataset as m; m('$H/run/ds', n_subjects=2, n_volumes=30, voxel_mm=8)"

@@ -136,3 +136,15 @@ class DatasetFactory:
 @pytest.fixture(scope="session")
 def datasets(tmp_path_factory) -> DatasetFactory:
     return DatasetFactory(tmp_path_factory.mktemp("simulated"))
+
+
+def check_refused(res, out: Path, code: int, where: str, hint: str = "Fix") -> str:
+    """The whole call was refused with one line (naming ``where``, with ``hint``) before any output."""
+    assert res.code == code, res.stderr
+    assert "Traceback" not in res.stderr
+    line = res.line_with(where)
+    assert line.startswith("bids_fmrilm: error: "), line
+    assert hint in line, line
+    out = Path(out)
+    assert not out.exists() or not any(out.glob("sub-*")), list(out.rglob("*"))
+    return line

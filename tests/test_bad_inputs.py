@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import assert_no_partial_files, run_cli, run_cli_subprocess, timeseries_files, tree_hashes
+from conftest import assert_no_partial_files, check_refused, run_cli, run_cli_subprocess, timeseries_files, tree_hashes
 
 SPACE = "MNI152NLin6Asym"
 STEM = f"sub-01_task-rest_space-{SPACE}_desc-preproc"
@@ -73,17 +73,6 @@ def check_run_failed(res, out: Path, code: int, where: str, hint: str = "Fix", g
     assert summary.loc["sub-01_task-rest", "exit_code"] == code
     assert where in summary.loc["sub-01_task-rest", "reason"]
     assert (summary.drop(index="sub-01_task-rest")["status"] == "done").all()
-    return line
-
-
-def check_refused(res, out: Path, code: int, where: str, hint: str = "Fix") -> str:
-    """The whole call was refused before any output was written."""
-    assert res.code == code, res.stderr
-    assert "Traceback" not in res.stderr
-    line = res.line_with(where)
-    assert line.startswith("bids_fmrilm: error: "), line
-    assert hint in line, line
-    assert not out.exists() or not any(out.glob("sub-*")), list(out.rglob("*"))
     return line
 
 

@@ -159,6 +159,29 @@ def test_raw_runs_mni_header_and_native(tmp_path):
     assert kinds == {"01": "volume", "02": "raw"}
 
 
+def test_fmriprep_output_preferred_over_raw_unless_prefer_raw(tmp_path):
+    """--preproc auto takes fMRIPrep's MNI run; --preproc minimal (prefer_raw) the raw one."""
+    root = tmp_path / "raw"
+    _write_json(root / "dataset_description.json", {"Name": "raw", "BIDSVersion": "1.10.0"})
+    func = root / "sub-01" / "func"
+    func.mkdir(parents=True)
+    img = nib.Nifti1Image(np.zeros((4, 4, 4, 5), np.float32), np.diag([4.0, 4.0, 4.0, 1.0]))
+    img.header.set_sform(img.affine, code=1)
+    nib.save(img, func / "sub-01_task-rest_bold.nii.gz")
+    _write_json(func / "sub-01_task-rest_bold.json", {"RepetitionTime": 2.0, "TaskName": "rest"})
+    deriv = root / "derivatives" / "fmriprep"
+    _write_json(deriv / "dataset_description.json", {"Name": "fMRIPrep", "BIDSVersion": "1.10.0",
+                                                     "DatasetType": "derivative", "GeneratedBy": [{"Name": "fMRIPrep"}]})
+    dfunc = deriv / "sub-01" / "func"
+    dfunc.mkdir(parents=True)
+    nib.save(img, dfunc / f"sub-01_task-rest_space-{SPACE}_desc-preproc_bold.nii.gz")
+    _write_json(dfunc / f"sub-01_task-rest_space-{SPACE}_desc-preproc_bold.json", {"RepetitionTime": 2.0})
+    (auto,) = find_runs(root)
+    assert auto.kind == "volume" and auto.space == SPACE and auto.dataset == deriv.resolve()
+    (minimal,) = find_runs(root, prefer_raw=True)
+    assert minimal.kind == "raw" and minimal.path == (func / "sub-01_task-rest_bold.nii.gz").resolve()
+
+
 def test_load_filters_both_forms(tmp_path):
     assert load_filters(None) == {}
     nested = tmp_path / "nested.json"

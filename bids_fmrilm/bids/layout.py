@@ -309,12 +309,14 @@ def find_runs(
     session_label: tuple[str, ...] = (),
     task: tuple[str, ...] = (),
     filters: dict[str, Any] | None = None,
+    prefer_raw: bool = False,
 ) -> list[Run]:
     """All runs of a dataset that the filters select, one :class:`Run` per BOLD run.
 
-    Preprocessed runs in MNI space are preferred over the raw run they came from; ROI time-series
-    files are taken as they are. Raw native-space runs are returned with ``kind="raw"`` so that
-    the caller can report them.
+    Preprocessed runs in MNI space are preferred over the raw run they came from (unless
+    ``prefer_raw``, for ``--preproc minimal``); ROI time-series files are taken as they are. Raw
+    native-space runs are returned with ``kind="raw"`` so that the caller can preprocess or
+    report them.
 
     Parameters
     ----------
@@ -400,20 +402,23 @@ def find_runs(
         raise NothingSelectedError(f"the filters {query} select none of {len(found)} runs", path=root,
                                    fix="loosen --participant-label/--session-label/--task/--bids-filter-file")
 
-    runs = _prefer_preprocessed(selected)
+    runs = _prefer_preprocessed(selected, prefer_raw)
     for r in runs:
         _attach_companions(r)
     return sorted(runs, key=lambda r: (r.run_id, str(r.path)))
 
 
-def _prefer_preprocessed(runs: list[Run]) -> list[Run]:
+def _prefer_preprocessed(runs: list[Run], prefer_raw: bool = False) -> list[Run]:
     by_id: dict[str, list[Run]] = {}
     for r in runs:
         by_id.setdefault(r.run_id + "|" + str(r.entities.get("atlas", "")), []).append(r)
     out = []
     for group in by_id.values():
         volumes = [r for r in group if r.kind == "volume"]
-        if volumes:
+        raws = [r for r in group if r.kind == "raw"]
+        if prefer_raw and raws:
+            out.extend(raws)
+        elif volumes:
             # one standard space per run: the first of MNI_SPACES present
             rank = {s: i for i, s in enumerate(MNI_SPACES)}
             out.append(sorted(volumes, key=lambda r: rank.get(r.space or "", 99))[0])

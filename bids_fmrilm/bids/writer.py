@@ -243,7 +243,8 @@ class DerivativesWriter:
                         "Name": "bids_fmrilm",
                         "Version": __version__,
                         "CodeURL": CODE_URL,
-                        **({"Container": {"Type": "docker", "Tag": f"bids_fmrilm:{__version__}"}}
+                        **({"Container": {"Type": os.environ["BIDS_FMRILM_CONTAINER"],
+                                          "Tag": f"bids_fmrilm:{__version__}"}}
                            if os.environ.get("BIDS_FMRILM_CONTAINER") else {}),
                     }
                 ],

@@ -69,7 +69,8 @@ def select_runs(cfg: Config) -> list[Run]:
         else:
             log.info("input is a derivatives dataset: BIDS validation skipped")
     filters = dict(cfg.bids_filters)
-    return find_runs(cfg.bids_dir, cfg.derivatives, cfg.participant_label, cfg.session_label, cfg.task, filters)
+    return find_runs(cfg.bids_dir, cfg.derivatives, cfg.participant_label, cfg.session_label, cfg.task, filters,
+                     prefer_raw=cfg.preproc == "minimal")
 
 
 def settings_record(cfg: Config) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -155,8 +156,15 @@ def load_timeseries_dir(root: str | os.PathLike, keys: set | None = None, log=No
         ck = (atlas, tuple(columns))
         if ck not in coords_cache:
             coords_cache[ck] = roi_coordinates(root, atlas, columns)
+        extra = {}
+        side = Path(str(path).split(".tsv")[0] + ".json")
+        if side.is_file():
+            try:
+                extra["tr"] = float(json.loads(side.read_text()).get("RepetitionTime"))
+            except (TypeError, ValueError, json.JSONDecodeError):
+                pass
         runs.append(RunData(path=path, entities=ents, ts=scale_run(raw), columns=columns,
-                            coords=coords_cache[ck], atlas=atlas))
+                            coords=coords_cache[ck], atlas=atlas, extra=extra))
     if log:
         log(f"read {len(runs)} runs from {root}")
     return runs

@@ -51,9 +51,9 @@ class FourierROIEmbedding(nn.Module):
         return torch.where(known, self.mlp(feats), self.unknown)
 
 
-def time_embedding(n: int, d: int, device=None) -> torch.Tensor:
-    """Sinusoidal embedding of patch positions 0..n-1, (n,d) (no length limit)."""
-    pos = torch.arange(n, device=device, dtype=torch.float32)[:, None]
+def time_embedding(n: int, d: int, device=None, offset: int = 0) -> torch.Tensor:
+    """Sinusoidal embedding of patch positions offset..offset+n-1, (n,d) (no length limit)."""
+    pos = offset + torch.arange(n, device=device, dtype=torch.float32)[:, None]
     i = torch.arange(d // 2, device=device, dtype=torch.float32)[None]
     ang = pos / (100.0 ** (2 * i / d))
     emb = torch.zeros(n, d, device=device)
@@ -143,9 +143,9 @@ class Encoder(nn.Module):
         self.to_code = nn.Linear(cfg.d_model, cfg.code_dim)
         self.skip = nn.Linear(cfg.patch_len, cfg.code_dim, bias=False)
 
-    def forward(self, patches, roi_emb, time_mask=None):
+    def forward(self, patches, roi_emb, time_mask=None, offset: int = 0):
         B, T, R, P = patches.shape
-        x = self.patch_in(patches) + roi_emb[None, None] + time_embedding(T, roi_emb.shape[-1], patches.device)[None, :, None]
+        x = self.patch_in(patches) + roi_emb[None, None] + time_embedding(T, roi_emb.shape[-1], patches.device, offset)[None, :, None]
         for blk in self.blocks:
             x = blk(x, time_mask)
         return self.skip(patches) + self.to_code(self.ln_f(x))
@@ -163,9 +163,9 @@ class Decoder(nn.Module):
         self.head = nn.Linear(cfg.d_model, cfg.patch_len)
         self.skip = nn.Linear(cfg.code_dim, cfg.patch_len, bias=False)
 
-    def forward(self, q, roi_emb, time_mask=None):
+    def forward(self, q, roi_emb, time_mask=None, offset: int = 0):
         B, T, R, _ = q.shape
-        x = self.code_in(q) + roi_emb[None, None] + time_embedding(T, roi_emb.shape[-1], q.device)[None, :, None]
+        x = self.code_in(q) + roi_emb[None, None] + time_embedding(T, roi_emb.shape[-1], q.device, offset)[None, :, None]
         for blk in self.blocks:
             x = blk(x, time_mask)
         h = self.ln_f(x)
@@ -321,7 +321,7 @@ class RunPooler(nn.Module):
         G = cfg.n_groups
         self.group_logits = nn.Linear(cfg.d_model, G)
         self.iu = torch.triu_indices(G, G, offset=1)
-        n_in = cfg.d_model + self.iu.shape[1] + G
+        n_in = cfg.d_model + self.iu.shape[1] + 2 * G
         self.mlp = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, 2 * cfg.embed_dim), nn.GELU(),
                                  nn.Linear(2 * cfg.embed_dim, cfg.embed_dim))
 
@@ -346,7 +346,10 @@ class RunPooler(nn.Module):
         std = cov.diagonal(dim1=1, dim2=2).clamp(min=1e-6).sqrt()
         corr = cov / (std[:, :, None] * std[:, None, :])
         fc = corr[:, self.iu[0], self.iu[1]]
-        feats = torch.cat([tok, fc, std.log()], dim=-1)
+        # lag-1 autocorrelation of each group signal (spectral shape: fALFF / autocorrelation)
+        pair = mv[:, 1:] * mv[:, :-1]
+        lag1 = (gc[:, 1:] * gc[:, :-1] * pair).sum(1) / pair.sum(1).clamp(min=1) / std.pow(2)
+        feats = torch.cat([tok, fc, std.log(), lag1], dim=-1)
         return F.normalize(self.mlp(feats), dim=-1)
 
 
@@ -384,10 +387,10 @@ class TokenizerModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # -- pieces
-    def encode(self, patches, coords, time_mask=None):
+    def encode(self, patches, coords, time_mask=None, offset: int = 0):
         """(B,T,R,P), (R,3) -> z (B,T,R,c), ROI embedding (R,d)."""
         roi = self.roi_embed(coords)
-        return self.encoder(patches, roi, time_mask), roi
+        return self.encoder(patches, roi, time_mask, offset), roi
 
     def decode_codes(self, q, coords=None, roi=None, time_mask=None):
         roi = self.roi_embed(coords) if roi is None else roi
@@ -396,15 +399,15 @@ class TokenizerModel(nn.Module):
     def embed_text(self, text_emb: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(text_emb - self.text_mean), dim=-1)
 
-    def forward(self, patches, coords, time_mask=None, with_embedding=False, text_emb=None):
+    def forward(self, patches, coords, time_mask=None, with_embedding=False, text_emb=None, offset: int = 0):
         """Encode, quantize, decode; optionally the pooled run embedding and projected texts.
 
         Everything trainable runs inside ``forward`` so that DDP/FSDP wrappers see it.
         """
-        z, roi = self.encode(patches, coords, time_mask)
+        z, roi = self.encode(patches, coords, time_mask, offset)
         valid = None if time_mask is None else time_mask[:, :, None].expand(z.shape[:3])
         q, ids, commit = self.quantizer(z, valid)
-        recon, hidden = self.decoder(q, roi, time_mask)
+        recon, hidden = self.decoder(q, roi, time_mask, offset)
         out = {"z": z, "q": q, "ids": ids, "commit": commit, "recon": recon, "hidden": hidden, "roi": roi}
         if with_embedding:
             out["run_emb"] = self.pooler(recon, hidden, roi, time_mask)

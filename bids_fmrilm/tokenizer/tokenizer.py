@@ -134,6 +134,7 @@ class Tokenizer:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out)
             os.close(fd)
             write(Path(tmp))
+            os.chmod(tmp, 0o644)
             os.replace(tmp, out / name)
         return out
 

@@ -69,20 +69,26 @@ def read_corpus_texts(corpus_jsonl: str | os.PathLike) -> dict[tuple, dict]:
     return out
 
 
-def choose_heldout_sites(sites: Sequence[str], seed: int = 0, fraction: float = 0.2, n_min: int = 3) -> list[str]:
-    """At least ``n_min`` sites holding at least ``fraction`` of the runs, chosen by ``seed``."""
+def choose_heldout_sites(sites: Sequence[str], seed: int = 0, fraction: float = 0.2, n_min: int = 3,
+                         max_fraction: float = 0.35) -> list[str]:
+    """Sites to hold out, chosen by ``seed``: at least ``n_min`` sites (when there are more than
+    ``n_min``) and ``fraction`` of the runs, skipping sites that would take more than
+    ``max_fraction`` of the runs."""
+    sites = list(sites)
     names = sorted(set(sites))
     if len(names) < 2:
         raise UsageError("a site-disjoint split needs runs from at least two sites",
                          fix="give sites in participants.tsv (column `site`) or pass --heldout-sites")
+    counts = {s: sites.count(s) for s in names}
     order = random.Random(seed).sample(names, len(names))
-    counts = {s: list(sites).count(s) for s in names}
-    chosen, total = [], 0
+    chosen, total, n = [], 0, len(sites)
     for s in order:
-        if len(chosen) >= min(n_min, len(names) - 1) and total >= fraction * len(sites):
+        if len(chosen) >= min(n_min, len(names) - 1) and total >= fraction * n:
             break
         if len(chosen) == len(names) - 1:
             break
+        if total + counts[s] > max_fraction * n and chosen:
+            continue
         chosen.append(s)
         total += counts[s]
     return sorted(chosen)
@@ -368,6 +374,7 @@ def train_tokenizer(
 
     model.train()
     it = batches(step)
+    off_gen = torch.Generator().manual_seed(seed * 7919 + step)
     t_loop = time.time()
     prep_s = t_loop - t0
     log(f"data, text embeddings and codebook initialisation took {prep_s:.0f} s; training")
@@ -381,7 +388,10 @@ def train_tokenizer(
         while step < cfg.max_steps:
             x, mask, idx = next(it)
             need_emb = cfg.contrastive_weight > 0
-            o = model(x, coords_d, mask, with_embedding=need_emb, text_emb=train_text_d if need_emb else None)
+            # random time offset, so that positions of long runs are seen in training
+            off = int(torch.randint(0, max(1, cfg.max_position - x.shape[1] + 1), (1,), generator=off_gen))
+            o = model(x, coords_d, mask, with_embedding=need_emb, text_emb=train_text_d if need_emb else None,
+                      offset=off)
             tm = mask[:, :, None].expand(o["recon"].shape[:3]).float()
             mse = (((o["recon"] - x) ** 2).mean(-1) * tm).sum() / tm.sum()
             spec = spectral_loss(o["recon"], x, tm)
@@ -450,7 +460,7 @@ def train_tokenizer(
                          "n_train_runs": len(train_runs), "n_heldout_runs": len(test_runs),
                          "text_template": text_template},
             "base_llm": dict(zip(("id", "hash"), _llm_id(llm))),
-            "tr": float(train_runs[0].extra.get("tr", 2.0)) if train_runs[0].extra else 2.0,
+            "tr": float(train_runs[0].extra.get("tr", 2.0)),
         }
         Tokenizer(raw, meta).save(out)
         _atomic_json(out / "metrics.json", metrics)

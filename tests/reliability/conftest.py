@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import assert_no_partial_files, run_cli, timeseries_files  # tests/conftest.py
+from conftest import assert_no_partial_files, check_refused, run_cli, timeseries_files  # tests/conftest.py
 
 SPACE = "MNI152NLin6Asym"
 N_VOLUMES = 30
@@ -123,17 +123,6 @@ def check_done(res, out: Path, good: tuple[str, ...] = ("sub-01_task-rest", "sub
     assert_no_partial_files(out)
     assert done_runs(out) == sorted(good)
     assert (summary(out)["status"] == "done").all()
-
-
-def check_refused(res, out: Path, code: int, where: str, hint: str = "Fix") -> str:
-    """The call was refused as a whole, with one line, before any run output."""
-    assert res.code == code, res.stderr
-    assert "Traceback" not in res.stderr
-    line = res.line_with(where)
-    assert line.startswith("bids_fmrilm: error: "), line
-    assert hint in line, line
-    assert not Path(out).exists() or not any(Path(out).glob("sub-*"))
-    return line
 
 
 def check_debug_traceback(*args, code: int) -> None:

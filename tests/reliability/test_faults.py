@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLI_EXE, WIDE, assert_no_partial_files, run_cli, timeseries_files
+from conftest import CLI_EXE, WIDE, assert_no_partial_files, check_refused, run_cli, timeseries_files
 
-from .conftest import check_refused, check_run_failed, done_runs, summary
+from .conftest import check_run_failed, done_runs, summary
 
 SIX_RUNS = {"n_subjects": 3, "sessions": ("1", "2"), "n_volumes": 30}
 ALL_SIX = sorted(f"sub-0{s}_ses-{ses}_task-rest" for s in (1, 2, 3) for ses in (1, 2))

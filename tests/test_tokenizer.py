@@ -1,0 +1,233 @@
+"""The VQ tokenizer: training mechanics, determinism, checkpoints, other atlases, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bids_fmrilm.errors import DataError
+from bids_fmrilm.tokenizer import Tokenizer, VectorQuantizerEMA, get_config, scale_run
+from bids_fmrilm.tokenizer.model import kmeans
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+ATLAS_DIR = SHARED / "atlases"
+N_ROI = 200
+
+
+def _coords(n: int = N_ROI) -> np.ndarray:
+    """CC200 centroids when the shared atlases are present, else random points in a brain box."""
+    if (ATLAS_DIR / "CC200_centroids.csv").is_file():
+        os.environ.setdefault("BIDS_FMRILM_ATLAS_DIR", str(ATLAS_DIR))
+        from bids_fmrilm.signals.atlas import load_atlas
+
+        c = load_atlas("cc200").coords
+        if len(c) == n:
+            return c
+    return np.random.default_rng(1).uniform([-70, -100, -40], [70, 70, 80], size=(n, 3))
+
+
+def _simulate(rng, coords, n_vol=48, n_net=4):
+    """Network-structured signals: ROIs share one of a few slow latent series, plus noise."""
+    net = np.argsort(coords[:, 0])[np.arange(len(coords))] % n_net
+    t = np.arange(n_vol)
+    latents = np.stack([np.sin(2 * np.pi * (0.03 + 0.01 * k) * t + rng.uniform(0, 6)) for k in range(n_net)], 1)
+    latents += 0.3 * rng.standard_normal(latents.shape)
+    amp = rng.uniform(0.5, 1.5, len(coords))
+    return latents[:, net] * amp + 0.4 * rng.standard_normal((n_vol, len(coords)))
+
+
+def _write_dataset(root: Path, coords: np.ndarray, n_sub: int = 9) -> Path:
+    """A participant-level output folder + a corpus of texts, three sites."""
+    rng = np.random.default_rng(0)
+    names = [f"ROI{i + 1:03d}" for i in range(len(coords))]
+    lines = []
+    for i in range(n_sub):
+        sub = f"{i + 1:02d}"
+        ts = _simulate(rng, coords, n_vol=40)
+        func = root / f"sub-{sub}" / "func"
+        func.mkdir(parents=True)
+        stem = func / f"sub-{sub}_task-rest_atlas-Sim_timeseries"
+        with gzip.open(str(stem) + ".tsv.gz", "wt") as fh:
+            fh.write("\t".join(names) + "\n")
+            for row in ts:
+                fh.write("\t".join(f"{v:.5f}" for v in row) + "\n")
+        Path(str(stem) + ".json").write_text(json.dumps({"RepetitionTime": 2.0}))
+        lines.append({"run": {"path": f"sub-{sub}/func/x.tsv.gz", "subject": sub, "session": None, "task": "rest",
+                              "run": None},
+                      "text": f"Run {i} shows {'high' if i % 2 else 'low'} connectivity.",
+                      "phenotype": {"site": "ABC"[i % 3]}})
+    table = {"index": range(1, len(coords) + 1), "name": names, "network": ["n/a"] * len(coords)}
+    import pandas as pd
+
+    pd.DataFrame({**table, "x": coords[:, 0], "y": coords[:, 1], "z": coords[:, 2]}).to_csv(
+        root / "atlas-Sim_dseg.tsv", sep="\t", index=False)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return corpus
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    torch.set_num_threads(1)
+    from bids_fmrilm.training.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    coords = _coords()
+    corpus = _write_dataset(root / "data", coords)
+    text_emb = np.random.default_rng(3).standard_normal((9, 24)).astype(np.float32)
+    metrics = train_tokenizer(corpus, root / "data", root / "out", config="tiny", seed=0, heldout_sites=["C"],
+                              text_embeddings=text_emb, progress=False, max_steps=20)
+    return {"out": root / "out", "metrics": metrics, "coords": coords,
+            "run": scale_run(_simulate(np.random.default_rng(9), coords, n_vol=40))}
+
+
+def test_tiny_training_loss_falls_and_reports(trained):
+    log = [json.loads(x) for x in (trained["out"] / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "step" in r]
+    assert steps[-1]["step"] == 20
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    m = trained["metrics"]
+    for key in ("recon_r2", "kmeans_r2", "codebook_usage", "perplexity", "recall_at_1"):
+        assert key in m and np.isfinite(m[key])
+    assert (trained["out"] / "tokenizer.safetensors").is_file()
+    meta = json.loads((trained["out"] / "tokenizer.json").read_text())
+    assert meta["config"]["name"] == "tiny" and meta["training"]["heldout_sites"] == ["C"]
+    assert meta["scaling"]["mode"] == "robust" and meta["metrics"]["heldout"]["recon_r2"] == m["recon_r2"]
+
+
+def test_encode_is_deterministic_and_in_range(trained):
+    tok = Tokenizer.load(trained["out"])
+    a = tok.encode(trained["run"], trained["coords"])
+    b = tok.encode(trained["run"], trained["coords"])
+    P = tok.patch_len
+    assert a.shape == (40 // P, N_ROI)
+    assert np.array_equal(a, b)
+    assert a.min() >= 0 and a.max() < tok.codebook_size
+    rec = tok.decode(a, trained["coords"])
+    assert rec.shape == (40 // P * P, N_ROI) and np.isfinite(rec).all()
+    emb = tok.embed_run(trained["run"], trained["coords"])
+    assert emb.shape == (tok.config.embed_dim,) and abs(np.linalg.norm(emb) - 1) < 1e-4
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    tok = Tokenizer.load(trained["out"])
+    tok.save(tmp_path / "copy")
+    tok2 = Tokenizer.load(tmp_path / "copy")
+    assert np.array_equal(tok.encode(trained["run"], trained["coords"]), tok2.encode(trained["run"], trained["coords"]))
+    assert tok2.meta["training"]["heldout_sites"] == ["C"]
+
+
+@pytest.mark.skipif(not (ATLAS_DIR / "CC200_centroids.csv").is_file(), reason="needs ../shared/atlases")
+def test_other_atlas_without_retraining(trained, monkeypatch):
+    monkeypatch.setenv("BIDS_FMRILM_ATLAS_DIR", str(ATLAS_DIR))
+    from bids_fmrilm.signals.atlas import load_atlas
+
+    try:
+        coords = load_atlas("schaefer400tian").coords
+    except Exception as exc:  # pragma: no cover - depends on the shared files
+        pytest.skip(f"schaefer400tian unavailable: {exc}")
+    assert coords.shape == (450, 3)
+    tok = Tokenizer.load(trained["out"])
+    run = scale_run(_simulate(np.random.default_rng(5), coords, n_vol=32))
+    ids = tok.encode(run, coords)
+    assert ids.shape == (32 // tok.patch_len, 450)
+    assert ids.min() >= 0 and ids.max() < tok.codebook_size
+    # unknown centroids use the learned "unknown" ROI embedding
+    coords_nan = coords.copy()
+    coords_nan[:10] = np.nan
+    assert tok.encode(run, coords_nan).shape == ids.shape
+
+
+def test_short_run_raises_data_error(trained):
+    tok = Tokenizer.load(trained["out"])
+    short = np.zeros((tok.patch_len - 1, N_ROI))
+    with pytest.raises(DataError) as err:
+        tok.encode(short, trained["coords"], source="sub-01_task-rest_timeseries.tsv.gz")
+    msg = str(err.value)
+    assert "sub-01_task-rest_timeseries.tsv.gz" in msg and f"{tok.patch_len - 1} volumes" in msg and "Fix:" in msg
+
+
+def test_dead_code_restart_revives_unused_codes():
+    torch.manual_seed(0)
+    cfg = get_config("tiny", codebook_size=16, code_dim=4, ema_decay=0.5, dead_code_threshold=0.5)
+    vq = VectorQuantizerEMA(cfg).train()
+    data = torch.randn(512, 4)
+    with torch.no_grad():
+        vq.embed.copy_(torch.cat([data[:8], torch.full((8, 4), 100.0)]))  # half the codes far away
+        vq.embed_sum.copy_(vq.embed)
+        vq.cluster_size.fill_(1.0)
+        vq.initialized.fill_(True)
+    _, ids, _ = vq(data)
+    assert set(ids.tolist()) <= set(range(8))
+    for _ in range(5):
+        vq(torch.randn(512, 4))
+    assert int(vq.restarts) >= 8
+    assert vq.embed.abs().max() < 50  # re-seeded from the data
+    vq.eval()
+    _, ids, _ = vq(torch.randn(4096, 4))
+    assert len(set(ids.tolist()) & set(range(8, 16))) >= 6
+
+
+def test_kmeans_init_uses_the_data():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0], [-5.0, -5.0]])
+    x = (centres[:, None] + 0.1 * torch.randn(4, 200, 2, generator=g)).reshape(-1, 2)
+    cfg = get_config("tiny", codebook_size=4, code_dim=2)
+    vq = VectorQuantizerEMA(cfg)
+    vq.kmeans_init(x, iters=10)
+    assert bool(vq.initialized)
+    d = torch.cdist(centres, vq.embed)
+    assert d.min(dim=1).values.max() < 0.2  # every data cluster got a code
+    c, counts = kmeans(x, 4, iters=10, generator=g)
+    assert counts.sum() == x.shape[0] and (counts > 0).all()
+
+
+def test_command_object():
+    from click.testing import CliRunner
+
+    from bids_fmrilm.training.tokenizer import train_tokenizer_command
+
+    res = CliRunner().invoke(train_tokenizer_command, ["--help"])
+    assert res.exit_code == 0 and "--heldout-sites" in res.output and "--max-minutes" in res.output
+
+
+def test_resumes_from_checkpoint(trained, tmp_path):
+    import shutil
+
+    from bids_fmrilm.training.tokenizer import train_tokenizer
+
+    out = tmp_path / "resumed"
+    shutil.copytree(trained["out"], out)
+    data = trained["out"].parent / "data"
+    text_emb = np.random.default_rng(3).standard_normal((9, 24)).astype(np.float32)
+    m = train_tokenizer(data / "corpus.jsonl", data, out, config="tiny", seed=0, heldout_sites=["C"],
+                        text_embeddings=text_emb, progress=False, max_steps=25, log_every=5)
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
+    assert steps[-1] == 25 and 21 not in steps and steps.count(20) == 1  # continued after step 20
+    assert m["steps"] == 25
+
+
+def test_adversarial_alignment_reverses_gradients():
+    from bids_fmrilm.tokenizer.model import TokenizerModel
+
+    torch.manual_seed(0)
+    cfg = get_config("tiny", adversarial_weight=0.1)
+    model = TokenizerModel(cfg, llm_dim=16)
+    q = torch.randn(2, 3, 5, cfg.code_dim, requires_grad=True)
+    loss = model.adversarial_loss(q, torch.randn(100, 16))
+    loss.backward()
+    assert model.discriminator[0].weight.grad is not None and q.grad is not None
+    # gradient reversal: q's gradient ascends the discriminator loss
+    eps = 1e-2
+    with torch.no_grad():
+        torch.manual_seed(1)
+        l0 = model.adversarial_loss(q, torch.randn(100, 16))
+        torch.manual_seed(1)
+        l1 = model.adversarial_loss(q + eps * q.grad / q.grad.norm(), torch.randn(100, 16))
+    assert torch.isfinite(l0) and torch.isfinite(l1)

@@ -18,7 +18,7 @@ from .simulate import make_fmriprep_dataset
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=Path("demo_out"))
-    ap.add_argument("--subjects", type=int, default=6)
+    ap.add_argument("--subjects", type=int, default=12)
     ap.add_argument("--volumes", type=int, default=120)
     ap.add_argument("--nprocs", type=int, default=2)
     args = ap.parse_args(argv)
@@ -28,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     if not (bids / "participants.tsv").exists():
         print(f"simulating {args.subjects} participants x {args.volumes} volumes (fMRIPrep-style, MNI 4 mm) in {bids}")
         make_fmriprep_dataset(bids, n_subjects=args.subjects, n_volumes=args.volumes, voxel_mm=4.0, seed=0)
-    for level in ("participant", "group"):
-        code = _run(bids_app_command, expand_multi_values([str(bids), str(deriv), level, "--nprocs", str(args.nprocs)]),
-                    "bids_fmrilm")
+    calls = {
+        "participant": [str(bids), str(deriv), "participant", "--nprocs", str(args.nprocs)],
+        "group": [str(bids), str(deriv), "group", "--label", "diagnosis", "--folds", "3"],
+    }
+    for level, call in calls.items():
+        code = _run(bids_app_command, expand_multi_values(call), "bids_fmrilm")
         if code:
             print(f"demo: the {level} level exited with {code}", file=sys.stderr)
             return code
@@ -38,7 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  input (simulated):     {bids.resolve()}")
     print(f"  derivatives:           {deriv.resolve()}")
     print(f"  ROI time series:       {deriv.resolve()}/sub-*/func/*_timeseries.tsv.gz")
+    print(f"  descriptors:           {deriv.resolve()}/sub-*/func/*_desc-descriptors_features.json")
     print(f"  group QC table:        {(deriv / 'group' / 'qc_runs.tsv').resolve()}")
+    print(f"  diagnosis CV metrics:  {(deriv / 'group' / 'label-diagnosis_metrics.tsv').resolve()}")
     return 0
 
 

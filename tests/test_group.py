@@ -86,7 +86,7 @@ def test_fc_baseline_beats_chance_on_separable_data(tmp_path):
     pids = list(lab.values.index)
     folds = make_folds(lab, pids, 5, seed=0)
     yy = lab.values.to_numpy()
-    pred = out_of_fold(lambda: fc_baseline("classification"), X, yy, folds, ["A", "B"])
+    pred = out_of_fold(lambda yt: fc_baseline("classification", yt), X, yy, folds, ["A", "B"])
     chance = chance_baseline(yy, folds, ["A", "B"])
     m, mc = metrics(yy, pred, ["A", "B"]), metrics(yy, chance, ["A", "B"])
     assert m["auroc"] > 0.9 and m["balanced_accuracy"] > 0.8
@@ -98,7 +98,7 @@ def test_fc_baseline_beats_chance_on_separable_data(tmp_path):
     rows = [{"participant_id": f"sub-{i:02d}", "t": t[i]} for i in range(n)]
     lab = load_labels(_table(tmp_path, rows, "r.tsv"), "t")
     folds = make_folds(lab, list(lab.values.index), 5)
-    pr = out_of_fold(lambda: fc_baseline("regression"), X, lab.values.to_numpy(), folds, None)
+    pr = out_of_fold(lambda yt: fc_baseline("regression", yt), X, lab.values.to_numpy(), folds, None)
     mr = metrics(lab.values.to_numpy(), pr, None)
     assert mr["pearson_r"] > 0.5 and set(bootstrap_ci(lab.values.to_numpy(), pr, None, n_boot=100)) == {"mae", "pearson_r"}
 
@@ -129,3 +129,15 @@ def sim_dataset_12(tmp_path_factory):
     from bids_fmrilm.simulate import make_fmriprep_dataset
 
     return make_fmriprep_dataset(tmp_path_factory.mktemp("sim12") / "ds", n_subjects=12, n_volumes=40, voxel_mm=8.0)
+
+
+def test_tiny_training_folds_use_a_fixed_penalty(tmp_path):
+    """With 2 participants per class in a training fold, inner CV is impossible: C=1 is used."""
+    rng = np.random.default_rng(1)
+    rows = [{"participant_id": f"sub-{i:02d}", "dx": "ASD" if i % 2 else "TD"} for i in range(6)]
+    lab = load_labels(_table(tmp_path, rows), "dx")
+    folds = make_folds(lab, list(lab.values.index), 3)
+    pred = out_of_fold(lambda yt: fc_baseline("classification", yt), rng.standard_normal((6, 30)),
+                       lab.values.to_numpy(), folds, lab.classes)
+    assert pred.shape == (6, 2) and np.isfinite(pred).all()
+    np.testing.assert_allclose(pred.sum(1), 1.0)

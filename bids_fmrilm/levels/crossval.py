@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 from sklearn.decomposition import PCA
-from sklearn.linear_model import LogisticRegressionCV, RidgeCV
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV, RidgeCV
 from sklearn.metrics import balanced_accuracy_score, f1_score, mean_absolute_error, roc_auc_score
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import make_pipeline
@@ -88,17 +88,20 @@ def make_folds(labels: Labels, participants: list[str], n_folds: int = 5, seed: 
     return Folds(splits, grouping)
 
 
-def fc_baseline(task_type: str, seed: int = 0, max_components: int = 100):
+def fc_baseline(task_type: str, y_train: np.ndarray, seed: int = 0, max_components: int = 100):
     """Logistic (classification) or ridge (regression) regression on standardised FC.
 
     FC has far more edges than there are participants, so the edges are first reduced to at most
     ``max_components`` principal components (fitted on the training folds, like everything else)
-    and the regularisation strength is chosen by inner cross-validation.
+    and the regularisation strength is chosen by inner cross-validation (up to 3 folds, as many as
+    the smallest training class allows; a fixed C=1 when it allows none).
     """
     pca = _TrainSizePCA(max_components, seed)
     if task_type == "classification":
-        return make_pipeline(StandardScaler(), pca, LogisticRegressionCV(Cs=np.logspace(-4, 1, 6), cv=3, max_iter=5000,
-                                                                         random_state=seed))
+        inner = int(min(3, pd.Series(y_train).value_counts().min()))
+        clf = (LogisticRegressionCV(Cs=np.logspace(-4, 1, 6), cv=inner, max_iter=5000, random_state=seed)
+               if inner >= 2 else LogisticRegression(C=1.0, max_iter=5000, random_state=seed))
+        return make_pipeline(StandardScaler(), pca, clf)
     return make_pipeline(StandardScaler(), pca, RidgeCV(alphas=np.logspace(-2, 5, 15)))
 
 
@@ -119,10 +122,13 @@ class _TrainSizePCA(PCA):
 
 
 def out_of_fold(model_factory, X: np.ndarray, y: np.ndarray, folds: Folds, classes: list[str] | None) -> np.ndarray:
-    """Out-of-fold predictions: class probabilities (n, n_classes) or values (n,)."""
+    """Out-of-fold predictions: class probabilities (n, n_classes) or values (n,).
+
+    ``model_factory(y_train)`` returns an unfitted estimator for one training fold.
+    """
     out = np.full((len(y), len(classes)) if classes else len(y), np.nan)
     for train, test in folds.splits:
-        model = model_factory()
+        model = model_factory(y[train])
         if classes:
             if len(set(y[train])) < 2:
                 out[test] = np.mean([y[train] == c for c in classes], axis=1)

@@ -134,7 +134,7 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
     classes = labels.classes or None
     preds = {
         "chance": chance_baseline(y, folds, classes),
-        "fc_linear": out_of_fold(lambda: fc_baseline(labels.task_type, cfg.seed), X, y, folds, classes),
+        "fc_linear": out_of_fold(lambda yt: fc_baseline(labels.task_type, yt, cfg.seed), X, y, folds, classes),
     }
     fold_of = np.empty(len(pids), int)
     for k, (_, test) in enumerate(folds.splits):

@@ -35,23 +35,35 @@ from .text import describe, level_of
 logger = logging.getLogger(__name__)
 
 
-def run_features(sig: RunSignals, fd_mean: float | None = None) -> dict:
+def run_features(sig: RunSignals, phenotype: Mapping | None = None) -> dict:
     """Descriptor features of a run's cleaned signals (the participant level uses the same call).
 
-    Motion comes from the run's framewise displacement when confounds gave it, else from
-    ``fd_mean`` (e.g. the ``fd_mean`` column of participants.tsv).
+    Motion comes from the run's framewise displacement when confounds gave it, else from the
+    ``fd_mean`` field of ``phenotype`` (a participants.tsv row), when it is a number.
     """
+    try:
+        fd_mean = float((phenotype or {}).get("fd_mean"))
+    except (TypeError, ValueError):
+        fd_mean = None
     fd = sig.fd if sig.fd is not None and len(sig.fd) else None
     return compute_features(sig.timeseries, sig.atlas.rois, sig.tr,
                             fd_mean=sig.mean_fd if fd is not None else fd_mean, fd=fd)
 
 
 def read_phenotype(input_dir: str | os.PathLike) -> dict[str, dict]:
-    """``participants.tsv`` as ``{subject label: {column: value}}`` (``n/a`` -> ``None``)."""
+    """``participants.tsv`` as ``{subject label: {column: value}}`` (``n/a`` -> ``None``).
+
+    Empty when the file is absent, unreadable or has no ``participant_id``; a repeated
+    participant keeps its first row (the group level reports duplicates as an error).
+    """
     path = Path(input_dir) / "participants.tsv"
-    if not path.is_file():
+    try:
+        df = pd.read_csv(path, sep="\t", na_values=["n/a"], dtype={"participant_id": str})
+    except (OSError, ValueError, UnicodeDecodeError):
         return {}
-    df = pd.read_csv(path, sep="\t", na_values=["n/a"], dtype={"participant_id": str})
+    if "participant_id" not in df:
+        return {}
+    df = df.drop_duplicates("participant_id")
     out = {}
     for rec in df.to_dict(orient="records"):
         clean = {}
@@ -75,11 +87,7 @@ def run_record(run: Run, settings: SignalSettings | None = None, phenotype: Mapp
     settings = settings or SignalSettings()
     sig = extract_signals(run, settings)
     phenotype = dict(phenotype or {})
-    try:
-        fd_mean = float(phenotype["fd_mean"]) if phenotype.get("fd_mean") is not None else None
-    except (TypeError, ValueError):
-        fd_mean = None
-    feats = run_features(sig, fd_mean)
+    feats = run_features(sig, phenotype)
     info = {"path": run.relpath()}
     for k in ("subject", "session", "task", "run"):
         v = run.entities.get(k)

@@ -17,6 +17,7 @@ import pandas as pd
 from ..bids.layout import strip_prefix
 from ..bids.writer import read_json, write_json, write_tsv
 from ..config import Config
+from ..descriptors.corpus import read_phenotype
 from ..errors import DataError, MissingInputError
 from .participant import check_paths
 
@@ -26,14 +27,21 @@ QC_COLUMNS = ["participant_id", "run", "file", "volumes", "source_volumes", "rep
               "source_repetition_time", "n_rois", "rois_without_voxels", "rois_without_signal", "mean_fd"]
 
 
-def collect_qc(output_dir: Path, participants: pd.DataFrame | None = None,
+def collect_qc(output_dir: Path, phenotypes: dict[str, dict] | None = None,
                participant_label: tuple[str, ...] = ()) -> pd.DataFrame:
-    """QC table from the participant level's ``*_timeseries.json`` sidecars."""
+    """QC table from the participant level's ``*_timeseries.json`` sidecars.
+
+    ``phenotypes`` (participants.tsv rows by label, :func:`read_phenotype`) give ``fd_mean`` for
+    runs whose sidecar has no framewise displacement.
+    """
     rows = []
     subs = {strip_prefix(s, "sub") for s in participant_label}
     fd_lookup = {}
-    if participants is not None and "fd_mean" in participants:
-        fd_lookup = dict(zip(participants["participant_id"].astype(str), pd.to_numeric(participants["fd_mean"], errors="coerce")))
+    for label, row in (phenotypes or {}).items():
+        try:
+            fd_lookup[f"sub-{label}"] = float(row.get("fd_mean"))
+        except (TypeError, ValueError):
+            pass
     for js in sorted(Path(output_dir).glob("sub-*/**/func/*_timeseries.json")):
         meta = read_json(js)
         if not meta or "RepetitionTime" not in meta:
@@ -64,19 +72,10 @@ def collect_qc(output_dir: Path, participants: pd.DataFrame | None = None,
     return pd.DataFrame(rows, columns=QC_COLUMNS)
 
 
-def read_participants(bids_dir: Path) -> pd.DataFrame | None:
-    """``participants.tsv`` of the input dataset, or None."""
-    p = Path(bids_dir) / "participants.tsv"
-    if not p.exists():
-        return None
-    df = pd.read_csv(p, sep="\t", dtype={"participant_id": str}, na_values=["n/a"])
-    return df
-
-
 def run_group(cfg: Config) -> pd.DataFrame:
     """Run the group level; returns the QC table it wrote."""
     check_paths(cfg)
-    qc = collect_qc(cfg.output_dir, read_participants(cfg.bids_dir), cfg.participant_label)
+    qc = collect_qc(cfg.output_dir, read_phenotype(cfg.bids_dir), cfg.participant_label)
     if qc.empty:
         raise MissingInputError("no participant-level outputs (*_timeseries.json) found", path=cfg.output_dir,
                                 fix="run the participant level into this OUTPUT_DIR first")

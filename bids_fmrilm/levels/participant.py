@@ -14,14 +14,16 @@ import time
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..bids.layout import Run, find_runs, load_filters, read_dataset_description
+from ..bids.layout import Run, find_runs, read_dataset_description
 from ..bids.validate import validate_dataset
 from ..bids.writer import DerivativesWriter, read_json, remove_stale_temp_files, write_bytes, write_json, write_tsv
 from ..config import Config
+from ..descriptors.corpus import read_phenotype
 from ..errors import BidsAppError, CantCreateError, ExitCode, UsageError
 from ..signals.atlas import clean_name
 from ..signals.pipeline import atlas_entity, atlas_for_run, extract_signals, signals_frame
@@ -86,10 +88,18 @@ def settings_record(cfg: Config) -> dict[str, Any]:
 
 def descriptor_reference(cfg: Config) -> dict[str, Any]:
     """The normative reference descriptors are z-scored against (``--descriptor-reference`` or packaged)."""
-    from ..descriptors.reference import DEFAULT_REFERENCE, load_reference
+    from ..descriptors.reference import DEFAULT_REFERENCE
+
+    return _load_descriptor_reference(str(cfg.descriptor_reference or DEFAULT_REFERENCE))
+
+
+@lru_cache(maxsize=4)
+def _load_descriptor_reference(path_str: str) -> dict[str, Any]:
+    """Read and check a reference once per process (every run needs it twice)."""
+    from ..descriptors.reference import load_reference
     from ..errors import DataError, MissingInputError
 
-    path = Path(cfg.descriptor_reference) if cfg.descriptor_reference else DEFAULT_REFERENCE
+    path = Path(path_str)
     if not path.is_file():
         raise MissingInputError("descriptor reference not found", path=path,
                                 fix="give a JSON written by fmrilm corpus --save-reference")
@@ -104,29 +114,23 @@ def descriptor_reference(cfg: Config) -> dict[str, Any]:
 
 def write_descriptors(run: Run, sig, cfg: Config, writer: DerivativesWriter, atlas: str,
                       phenotype: dict[str, Any] | None, record: dict[str, Any]) -> Path:
-    """``*_atlas-<A>_desc-descriptors_features.json``: features, z-scores, levels and text."""
-    from ..descriptors.corpus import _text_seed, run_features
-    from ..descriptors.reference import zscore
-    from ..descriptors.text import describe, level_of
+    """``*_atlas-<A>_desc-descriptors_features.json``: features, z-scores, levels and text.
 
-    fd_mean = None
-    if phenotype and phenotype.get("fd_mean") not in (None, ""):
-        try:
-            fd_mean = float(phenotype["fd_mean"])
-        except (TypeError, ValueError):
-            fd_mean = None
+    The same features and text as a line of ``fmrilm corpus`` for this run.
+    """
+    from ..descriptors.corpus import corpus_line, run_features
+
     ref = descriptor_reference(cfg)
-    feats = run_features(sig, fd_mean)
-    z = zscore(feats, ref)
+    line = corpus_line({"run": {"path": run.relpath()}, "features": run_features(sig, phenotype)}, ref, cfg.seed)
     path = writer.path(run, "features", ".json", atlas=atlas, desc="descriptors")
     write_json(path, {
         "Description": "Imaging descriptors of the run: features, robust z-scores against the reference, levels, text",
-        "Text": describe(feats, z, seed=_text_seed(cfg.seed, run.relpath())),
+        "Text": line["text"],
         "ReferenceID": ref["id"],
         "ReferenceName": ref.get("name"),
-        "Features": feats,
-        "ZScores": z,
-        "Levels": {k: level_of(v) for k, v in z.items()},
+        "Features": line["features"],
+        "ZScores": line["z"],
+        "Levels": line["levels"],
         **record,
     })
     return path
@@ -249,7 +253,7 @@ def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
     if stale:
         log.info("removed %d temporary files left by an interrupted run", len(stale))
     descriptor_reference(cfg)  # a bad --descriptor-reference fails here, once, not per run
-    phenotypes = read_phenotypes(cfg.bids_dir)
+    phenotypes = read_phenotype(cfg.bids_dir)
     results: list[RunResult] = []
     bar = _progress(progress)
     with bar:
@@ -304,19 +308,3 @@ def exit_code(results: list[RunResult]) -> int:
     """0 when every run is done or skipped, else the exit code of the first failed run."""
     failed = [r for r in results if r.status == "failed"]
     return failed[0].code if failed else 0
-
-
-def read_phenotypes(bids_dir: Path) -> dict[str, dict[str, Any]]:
-    """participants.tsv rows by label (no ``sub-``); empty when absent or unreadable."""
-    import pandas as pd
-
-    p = Path(bids_dir) / "participants.tsv"
-    try:
-        df = pd.read_csv(p, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    if "participant_id" not in df:
-        return {}
-    df = df.drop_duplicates("participant_id")
-    return {str(r["participant_id"]).removeprefix("sub-"): {k: (None if pd.isna(v) else v) for k, v in r.items()}
-            for r in df.to_dict(orient="records")}

@@ -40,7 +40,7 @@ def main(ckpt: str, corpus: str, ts_dir: str) -> dict:
         preds.append(rec.ravel())
         targets.append(tgt.ravel())
         ids_all.append(ids.ravel())
-        embs.append(tok.embed_run(r.ts, r.coords))
+        embs.append(tok.embed_run(r.ts, r.coords, log_scale=r.log_scale))
     pred, target = np.concatenate(preds), np.concatenate(targets)
     usage, ppl = usage_and_perplexity(torch.as_tensor(np.concatenate(ids_all)), tok.codebook_size)
     temb = cached_text_embeddings([texts[r.key]["text"] for r in runs], Path(ckpt) / "text_embeddings",

@@ -62,7 +62,7 @@ def _setup_logging(debug: bool) -> None:
 @click.option("--atlas", default="seitzman300", show_default=True,
               help="Atlas name (seitzman300, power264, dosenbach160, schaefer400tian, schaefer100tian) or path to a NIfTI label image.")
 @click.option("--target-tr", type=float, default=2.0, show_default=True, help="Model repetition time (s) series are resampled to.")
-@click.option("--model", metavar="DIR", help="fMRI-LM checkpoint folder (model stages; not in this release).")
+@click.option("--model", metavar="DIR", help="fMRI-LM checkpoint folder (fmrilm.json) or a tokenizer folder (tokens only).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--quantization", type=click.Choice(["auto", "4bit", "8bit", "none"]), default="auto", show_default=True)
 @click.option("-w", "--work-dir", type=click.Path(path_type=Path), help="Folder for intermediate files.")
@@ -98,11 +98,6 @@ def bids_app_command(**kw) -> int:
 
     _setup_logging(kw["debug"])
     labels = tuple(x for v in kw["participant_label"] for x in v.split())
-    if kw["model"] is not None:
-        from .errors import UsageError
-
-        raise UsageError("--model needs the fMRI-LM stages, which this release does not include",
-                         fix="drop --model to compute ROI time series, QC and FC baselines")
     cfg = Config(
         bids_dir=kw["bids_dir"],
         output_dir=kw["output_dir"],
@@ -247,11 +242,13 @@ def toolkit_group() -> None:
 
 def _register_toolkit() -> None:
     from .descriptors.cli import corpus_command
+    from .training.lm import instruct_command, pretrain_command
     from .training.tokenizer import train_tokenizer_command
 
     toolkit_group.add_command(corpus_command, "corpus")
     toolkit_group.add_command(train_tokenizer_command, "train-tokenizer")
-
+    toolkit_group.add_command(pretrain_command, "pretrain")
+    toolkit_group.add_command(instruct_command, "instruct")
 
 
 def toolkit(args: list[str] | None = None) -> None:

@@ -109,8 +109,9 @@ def test_usage_errors_exit_64(sim, work):
     assert res.code == 64 and "Traceback" not in res.stderr
     res = run_cli(sim["root"], work / "o", "participant", "--nprocs", "0")
     assert res.code == 64
-    res = run_cli(sim["root"], work / "o", "participant", "--model", "x")
-    assert res.code == 64 and "Fix" in res.stderr
+    assert not (work / "o").exists()
+    res = run_cli(sim["root"], work / "o", "participant", "--model", str(work / "no-model"))
+    assert res.code == 66 and "Fix" in res.stderr and "no-model" in res.stderr
     assert not (work / "o").exists()
 
 

@@ -234,3 +234,29 @@ def describe(
     if len(sentences) == 1:
         sentences.append("No imaging descriptor could be computed for this run.")
     return " ".join(sentences)
+
+
+_LEVEL_PATTERN = re.compile(
+    r"(markedly lower than average|markedly higher than average|lower than average|higher than average|typical)")
+_PHRASE_LEVELS = {v: k for k, v in LEVEL_PHRASES.items() if k != UNAVAILABLE}
+
+
+def parse_levels(text: str, keys) -> dict[str, str]:
+    """Levels a (generated) description states for the given feature keys.
+
+    For each key whose :func:`feature_subject` appears in ``text``, the first level phrase after
+    it in the same sentence. Keys not mentioned (or without a level) are absent.
+    """
+    out: dict[str, str] = {}
+    low = text.lower()
+    for key in keys:
+        subject = feature_subject(key).lower()
+        start = low.find(subject)
+        if start < 0:
+            continue
+        rest = low[start + len(subject):]
+        end = rest.find(". ")
+        m = _LEVEL_PATTERN.search(rest if end < 0 else rest[:end + 1])
+        if m:
+            out[key] = _PHRASE_LEVELS[m.group(1)]
+    return out

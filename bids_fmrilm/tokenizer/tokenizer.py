@@ -16,7 +16,7 @@ import torch
 
 from ..errors import DataError, MissingInputError
 from .config import TokenizerConfig, get_config
-from .data import SCALING, patchify, unpatchify
+from .data import SCALING, patchify, scale_run, unpatchify
 from .model import TokenizerModel
 
 FORMAT_VERSION = 1
@@ -97,12 +97,35 @@ class Tokenizer:
         return self.decode(self.encode(ts, coords, source), coords)
 
     @torch.no_grad()
-    def embed_run(self, ts: np.ndarray, coords: np.ndarray, source=None) -> np.ndarray:
-        """Pooled run embedding (embed_dim,), unit norm, in the space aligned with descriptor text."""
+    def embed_run(self, ts: np.ndarray, coords: np.ndarray, source=None,
+                  log_scale: np.ndarray | None = None) -> np.ndarray:
+        """Pooled run embedding (embed_dim,), unit norm, in the space aligned with descriptor text.
+
+        ``ts`` is robust-scaled; ``log_scale`` (R,) is the log IQR of each ROI before scaling
+        (:func:`~bids_fmrilm.tokenizer.data.scale_run` with ``return_log_scale=True``). Without it
+        the embedding sees no amplitude information.
+        """
         self.model.eval()
         x, c = self._inputs(ts, coords, source)
+        ls = None
+        if log_scale is not None:
+            ls = torch.as_tensor(np.asarray(log_scale, dtype=np.float32).reshape(1, -1), device=x.device)
+            if ls.shape[1] != x.shape[2]:
+                raise DataError(f"{ls.shape[1]} ROI scale values for {x.shape[2]} ROI columns", path=source)
         out = self.model(x, c)
-        return self.model.run_embedding(out)[0].cpu().numpy()
+        return self.model.run_embedding(out, log_scale=ls)[0].cpu().numpy()
+
+    @torch.no_grad()
+    def tokenize(self, raw_ts: np.ndarray, coords: np.ndarray, source=None) -> dict:
+        """Everything the tokenizer gives for one cleaned, unscaled run (T,R) at the model TR.
+
+        Returns ``{"ids": (n_patches, R) int64, "embedding": (embed_dim,), "scaled": (T,R),
+        "log_scale": (R,)}``. Deterministic.
+        """
+        scaled, log_scale = scale_run(raw_ts, return_log_scale=True)
+        return {"ids": self.encode(scaled, coords, source),
+                "embedding": self.embed_run(scaled, coords, source, log_scale=log_scale),
+                "scaled": scaled, "log_scale": log_scale}
 
     @torch.no_grad()
     def embed_text(self, text_embeddings: np.ndarray) -> np.ndarray:

@@ -97,8 +97,9 @@ def choose_heldout_sites(sites: Sequence[str], seed: int = 0, fraction: float = 
 class CropDataset(torch.utils.data.Dataset):
     """Random crops of ``crop`` patches of each training run (deterministic per seed, epoch, index)."""
 
-    def __init__(self, patches: list[np.ndarray], crop: int, seed: int):
+    def __init__(self, patches: list[np.ndarray], crop: int, seed: int, log_scales: list[np.ndarray] | None = None):
         self.patches, self.crop, self.seed, self.epoch = patches, crop, seed, 0
+        self.log_scales = log_scales or [np.zeros(p.shape[1], dtype=np.float32) for p in patches]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -117,7 +118,8 @@ class CropDataset(torch.utils.data.Dataset):
         mask[: p.shape[0]] = True
         if p.shape[0] < self.crop:
             p = np.concatenate([p, np.zeros((self.crop - p.shape[0],) + p.shape[1:], dtype=p.dtype)])
-        return torch.from_numpy(np.ascontiguousarray(p)), torch.from_numpy(mask), i
+        return (torch.from_numpy(np.ascontiguousarray(p)), torch.from_numpy(mask), i,
+                torch.from_numpy(np.asarray(self.log_scales[i], dtype=np.float32)))
 
 
 # ------------------------------------------------------------------------------------ metrics
@@ -148,13 +150,14 @@ def retrieval_recall(f: np.ndarray, t: np.ndarray, n_candidates: int = 100, repe
 
 @torch.no_grad()
 def evaluate(model: TokenizerModel, patches: list[np.ndarray], coords: torch.Tensor,
-             text_emb: np.ndarray | None, seed: int = 0) -> dict:
+             text_emb: np.ndarray | None, seed: int = 0, log_scales: list[np.ndarray] | None = None) -> dict:
     """Held-out metrics of a model on full runs (eval mode)."""
     model.eval()
     preds, targets, ids_all, runs_emb = [], [], [], []
-    for p in patches:
+    for j, p in enumerate(patches):
         x = torch.from_numpy(p)[None]
-        out = model(x, coords, with_embedding=text_emb is not None)
+        ls = None if log_scales is None else torch.from_numpy(np.asarray(log_scales[j], dtype=np.float32))[None]
+        out = model(x, coords, with_embedding=text_emb is not None, log_scale=ls)
         preds.append(out["recon"][0].numpy())
         targets.append(p)
         ids_all.append(out["ids"].reshape(-1))
@@ -187,6 +190,12 @@ def kmeans_baseline(train: list[np.ndarray], test: list[np.ndarray], k: int, see
 
 
 # ------------------------------------------------------------------------------------ training
+def _log_scale(run: RunData) -> np.ndarray:
+    if run.log_scale is None:
+        return np.zeros(run.ts.shape[1], dtype=np.float32)
+    return np.asarray(run.log_scale, dtype=np.float32)
+
+
 def _lr_lambda(cfg: TokenizerConfig):
     def f(step):
         if step < cfg.warmup_steps:
@@ -324,7 +333,12 @@ def train_tokenizer(
                                "lr": cfg.lr * (cfg.encoder_lr_scale if is_enc else 1.0)})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
-    ds = CropDataset(train_p, min(cfg.crop_patches, max(p.shape[0] for p in train_p)), seed)
+    train_ls = [_log_scale(r) for r in train_runs]
+    test_ls = [_log_scale(r) for r in test_runs]
+    levels = np.array([np.median(v) for v in train_ls])
+    model.pooler.level_mean.fill_(float(levels.mean()))
+    model.pooler.level_std.fill_(float(max(levels.std(), 1e-3)))
+    ds = CropDataset(train_p, min(cfg.crop_patches, max(p.shape[0] for p in train_p)), seed, train_ls)
     g = torch.Generator().manual_seed(seed)
     bs = min(cfg.batch_size, len(ds))
     dl = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, generator=g)
@@ -359,7 +373,7 @@ def train_tokenizer(
         it = batches(0)
         with torch.no_grad():
             for _ in range(max(1, min(cfg.kmeans_init_batches, steps_per_epoch))):
-                x, mask, _ = next(it)
+                x, mask, _, _ = next(it)
                 z, _ = raw.encode(x, coords_d, mask)
                 zs.append(z[mask].reshape(-1, z.shape[-1]))
         zall = torch.cat(zs)
@@ -386,12 +400,12 @@ def train_tokenizer(
     with prog:
         task = prog.add_task("train", total=cfg.max_steps, completed=step, info="")
         while step < cfg.max_steps:
-            x, mask, idx = next(it)
+            x, mask, idx, log_scale = next(it)
             need_emb = cfg.contrastive_weight > 0
             # random time offset, so that positions of long runs are seen in training
             off = int(torch.randint(0, max(1, cfg.max_position - x.shape[1] + 1), (1,), generator=off_gen))
             o = model(x, coords_d, mask, with_embedding=need_emb, text_emb=train_text_d if need_emb else None,
-                      offset=off)
+                      offset=off, log_scale=log_scale)
             tm = mask[:, :, None].expand(o["recon"].shape[:3]).float()
             mse = (((o["recon"] - x) ** 2).mean(-1) * tm).sum() / tm.sum()
             spec = spectral_loss(o["recon"], x, tm)
@@ -445,7 +459,7 @@ def train_tokenizer(
     metrics: dict = {}
     if accelerator.is_main_process:
         raw.cpu()
-        held_metrics = evaluate(raw, test_p, coords, test_text, seed=seed)
+        held_metrics = evaluate(raw, test_p, coords, test_text, seed=seed, log_scales=test_ls)
         base = kmeans_baseline(train_p, test_p, cfg.codebook_size, seed=seed)
         metrics = {**held_metrics, **base, "beats_kmeans": held_metrics["recon_r2"] > base["kmeans_r2"],
                    "steps": step, "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),

@@ -1,0 +1,176 @@
+"""Notebook API: load a checkpoint, then ``embed``, ``describe``, ``predict``, ``forecast`` a run.
+
+>>> from bids_fmrilm.model import FMRILMModel
+>>> m = FMRILMModel.load("path/to/checkpoint")            # doctest: +SKIP
+>>> run = "out/sub-01/func/sub-01_task-rest_atlas-CC200_timeseries.tsv.gz"
+>>> m.predict(run, "sex")                                # doctest: +SKIP
+{'female': 0.31, 'male': 0.69}
+
+A run is a participant-level ``*_timeseries.tsv[.gz]`` (cleaned ROI series at the model TR; ROI
+centroids from the ``atlas-<A>_dseg.tsv`` beside it or the atlas registry), or a
+:class:`PreparedRun` / ``(series, coords)`` pair of a cleaned (T, R) array and (R, 3) MNI centroids.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DataError, UsageError
+from .fmrilm import FMRIBlock
+from .tasks import Task
+
+
+@dataclass
+class PreparedRun:
+    """A tokenized run: ids (n_patches, R), run embedding, scaled series, ROI centroids."""
+
+    ids: np.ndarray
+    run_emb: np.ndarray
+    scaled: np.ndarray
+    coords: np.ndarray
+    source: str = ""
+
+
+def _find_roi_table(path: Path) -> Path | None:
+    for parent in path.parents:
+        found = sorted(parent.glob("atlas-*_dseg.tsv"))
+        if found:
+            return parent
+    return None
+
+
+class FMRILMModel:
+    """A loaded fMRI-LM checkpoint with a run-level API.
+
+    Parameters
+    ----------
+    fm : FMRILM
+    tokenizer : Tokenizer
+    tasks : list of Task
+    meta : dict
+        The checkpoint's ``fmrilm.json``.
+    """
+
+    def __init__(self, fm, tokenizer, tasks: list[Task], meta: dict[str, Any]):
+        self.fm, self.tokenizer, self.meta = fm.eval(), tokenizer, meta
+        self.tasks = {t.name: t for t in tasks}
+        self._roi_cache: dict[bytes, torch.Tensor] = {}
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", quantization: str = "auto") -> "FMRILMModel":
+        """Load a checkpoint folder (format and hashes checked); ``auto`` = 4-bit on CUDA, fp32 on CPU."""
+        from .checkpoint import load_checkpoint
+
+        return cls(*load_checkpoint(path, device=device, quantization=quantization))
+
+    @property
+    def id(self) -> str:
+        return str(self.meta.get("id", ""))
+
+    @property
+    def max_patches(self) -> int:
+        return self.fm.cfg.max_patches
+
+    # ----------------------------------------------------------------------------- inputs
+    def prepare(self, run: Any) -> PreparedRun:
+        """Tokenize a run (path, (series, coords) pair, or PreparedRun)."""
+        if isinstance(run, PreparedRun):
+            return run
+        source = ""
+        if isinstance(run, (str, os.PathLike)):
+            from ..signals.pipeline import read_roi_timeseries
+            from ..tokenizer.data import parse_entities, roi_coordinates
+
+            path = Path(run)
+            ts, columns = read_roi_timeseries(path)
+            root = _find_roi_table(path) or path.parent
+            coords = roi_coordinates(root, parse_entities(path).get("atlas", ""), columns)
+            source = str(path)
+        else:
+            try:
+                ts, coords = run
+            except (TypeError, ValueError):
+                raise UsageError("a run is a *_timeseries.tsv[.gz] path, a PreparedRun or a (series, coords) pair") from None
+        coords = np.asarray(coords, dtype=np.float32)
+        res = self.tokenizer.tokenize(np.asarray(ts, dtype=float), coords, source=source or None)
+        return PreparedRun(res["ids"], res["embedding"], res["scaled"], coords, source)
+
+    def _roi(self, coords: np.ndarray) -> torch.Tensor:
+        key = np.ascontiguousarray(coords, dtype=np.float32).tobytes()
+        if key not in self._roi_cache:
+            with torch.no_grad():
+                self._roi_cache[key] = self.tokenizer.model.roi_embed(torch.from_numpy(np.asarray(coords, np.float32))).detach()
+        return self._roi_cache[key]
+
+    def block(self, run: PreparedRun, last: bool = False, drop_last: int = 0) -> FMRIBlock:
+        """The model input for a run: its first (or ``last``) ``max_patches`` patches."""
+        ids = run.ids[: len(run.ids) - drop_last] if drop_last else run.ids
+        ids = ids[-self.max_patches:] if last else ids[: self.max_patches]
+        return FMRIBlock(torch.as_tensor(ids, dtype=torch.long), self._roi(run.coords),
+                         torch.as_tensor(run.run_emb, dtype=torch.float32))
+
+    # ----------------------------------------------------------------------------- outputs
+    def embed(self, run: Any) -> np.ndarray:
+        """Run embedding (hidden size,): mean LLM hidden state over the run's fMRI positions."""
+        from .inference import embed_blocks
+
+        return embed_blocks(self.fm, [self.block(self.prepare(run))])[0]
+
+    def describe(self, run: Any, max_new_tokens: int = 96) -> str:
+        """Generated descriptor-style text for a run (greedy, deterministic)."""
+        from .inference import generate_descriptions
+
+        return generate_descriptions(self.fm, [self.block(self.prepare(run))], max_new_tokens)[0]
+
+    def predict(self, run: Any, task: str | Task | None = None) -> dict[str, Any]:
+        """Probabilities of each allowed answer: ``{answer: p}`` for one task, or
+        ``{task: {answer: p}}`` for every task of the checkpoint when ``task`` is None."""
+        from .inference import score_options
+
+        prepared = self.prepare(run)
+        blk = [self.block(prepared)]
+        if task is None:
+            return {name: self.predict(prepared, t) for name, t in self.tasks.items()}
+        if isinstance(task, str):
+            if task not in self.tasks:
+                raise UsageError(f"unknown task {task!r}", fix=f"choose among {', '.join(self.tasks)}")
+            task = self.tasks[task]
+        p = score_options(self.fm, blk, task)[0]
+        return {a: float(x) for a, x in zip(task.answers, p)}
+
+    def forecast(self, run: Any) -> dict[str, Any]:
+        """Hold back the last patch, predict its tokens from the ones before, decode, compare.
+
+        Returns ``predicted`` and ``observed`` (patch_len, R) robust-scaled signals, the predicted
+        and observed token ids, ``mse``, ``correlation`` (over all values), ``token_accuracy`` and
+        the error of two baselines: ``mse_zero`` (predict the median, 0) and ``mse_persistence``
+        (repeat the previous patch).
+        """
+        from .inference import next_patch_logits
+
+        prepared = self.prepare(run)
+        n = len(prepared.ids)
+        if n < 2:
+            raise DataError(f"run has {n} patch(es); forecasting needs at least 2", path=prepared.source or None,
+                            fix="forecast runs of at least two patches")
+        blk = self.block(prepared, last=True, drop_last=1)
+        logits = next_patch_logits(self.fm, [blk], include_last=True)[0]
+        pred_ids = logits[-1].argmax(-1).numpy()
+        P = self.tokenizer.patch_len
+        ctx = np.asarray(blk.ids.numpy())
+        decoded = self.tokenizer.decode(np.concatenate([ctx, pred_ids[None]]), prepared.coords)
+        predicted = decoded[-P:]
+        observed = prepared.scaled[(n - 1) * P: n * P]
+        previous = prepared.scaled[(n - 2) * P: (n - 1) * P]
+        true_ids = prepared.ids[-1]
+        corr = float(np.corrcoef(predicted.ravel(), observed.ravel())[0, 1]) if observed.std() > 0 else float("nan")
+        return {"predicted": predicted, "observed": observed, "predicted_ids": pred_ids, "observed_ids": true_ids,
+                "mse": float(np.mean((predicted - observed) ** 2)), "correlation": corr,
+                "token_accuracy": float(np.mean(pred_ids == true_ids)),
+                "mse_zero": float(np.mean(observed ** 2)), "mse_persistence": float(np.mean((previous - observed) ** 2))}

@@ -1,0 +1,82 @@
+"""Model card (``README.md``) of an fMRI-LM checkpoint, written from its ``fmrilm.json``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    return str(v)
+
+
+def _metric_rows(metrics: dict[str, Any]) -> list[str]:
+    rows = []
+    for stage, m in metrics.items():
+        np_ = m.get("next_patch")
+        if np_:
+            rows.append(f"| {stage} | next-patch token accuracy | {_fmt(np_['token_accuracy'])} | most frequent token "
+                        f"{_fmt(np_['most_frequent_token'])}; per ROI {_fmt(np_['most_frequent_token_per_roi'])}; "
+                        f"repeat previous {_fmt(np_['repeat_previous_patch'])} |")
+        for name, t in (m.get("tasks") or {}).items():
+            fm = t.get("fmrilm", {})
+            fc = t.get("fc_logistic", {})
+            key = "auroc" if "auroc" in fm else "balanced_accuracy"
+            rows.append(f"| {stage} | {name} {key} (n={t['n']}) | {_fmt(fm.get(key))} | FC logistic "
+                        f"{_fmt(fc.get(key, 'n/a'))}; majority accuracy {_fmt(t.get('majority_accuracy'))} |")
+        d = m.get("descriptions")
+        if d:
+            rows.append(f"| {stage} | description level agreement ({d['statements']} statements) | "
+                        f"{_fmt(d['agreement'])} | another run's levels {_fmt(d['agreement_other_run'])}; "
+                        f"always typical {_fmt(d['agreement_always_typical'])} |")
+    return rows
+
+
+def model_card(meta: dict[str, Any]) -> str:
+    """Markdown model card: data and licence terms, intended use, inputs, held-out metrics."""
+    tr = meta.get("training", {})
+    base = meta.get("base_llm", {})
+    atlas = meta.get("atlas", {})
+    lines = [
+        f"# fMRI-LM checkpoint `{meta.get('id', '')}` (stage: {meta.get('stage', '?')})",
+        "",
+        "A causal language model that reads fMRI tokens and text (bids_fmrilm; after fMRI-LM, arXiv 2511.21760).",
+        "",
+        "## Intended use",
+        "Research on resting-state fMRI: run-level descriptions, embeddings, zero-shot predictions and",
+        "forecasts, and few-shot adaptation to a study's own labels. **Not for clinical use**: predictions",
+        "of sex, age group or diagnosis are research outputs with the held-out accuracy below, not diagnoses.",
+        "",
+        "## Inputs",
+        f"- Atlas: {atlas.get('name', '?')} ({len(atlas.get('coords', []))} ROIs); other atlases with MNI centroids work",
+        "  through the tokenizer's coordinate embeddings, with unmeasured accuracy.",
+        f"- Repetition time: {meta.get('tr')} s (runs are resampled to it); patch length {meta.get('patch_len')} volumes.",
+        f"- Scaling: {json.dumps(meta.get('scaling'))}",
+        f"- Base LLM: `{base.get('id')}` (sha256 prefix {base.get('hash')}), referenced, not copied.",
+        "",
+        "## Training data",
+        f"- Corpus: {tr.get('pretrain', {}).get('corpus', tr.get('instruct', {}).get('corpus', '?'))}",
+        f"- Training sites: {', '.join(tr.get('train_sites', []))}",
+        f"- Held-out sites (never trained on): {', '.join(tr.get('heldout_sites', []))} ({tr.get('n_heldout_runs')} runs)",
+        "- ABIDE data are shared for non-commercial research under the ABIDE/1000 Functional Connectomes",
+        "  terms (CC BY-NC-SA); a model trained on them inherits those terms.",
+        "",
+        "## Training",
+    ]
+    for stage in ("pretrain", "instruct"):
+        s = tr.get(stage)
+        if s:
+            lines.append(f"- {stage}: {s['steps']} steps, {s['n_train_runs']} runs, seed {s['seed']}, "
+                         f"{s['train_wall_s']} s on {s['device']} (quantization {s['quantization']})")
+    lines += ["", "## Held-out metrics (site-disjoint)", ""]
+    rows = _metric_rows(meta.get("metrics", {}))
+    if rows:
+        lines += ["| stage | metric | fMRI-LM | baselines (same split) |", "|---|---|---|---|", *rows]
+    else:
+        lines.append("No held-out evaluation was run.")
+    lines += ["", "## Tasks (constrained answers)", ""]
+    for t in meta.get("tasks", []):
+        lines.append(f"- `{t['name']}`: {t['question']} — answers: {', '.join(t['answers'])}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,169 @@
+"""The fMRI-LM checkpoint folder: save, load, check.
+
+    fmrilm.json              format version, config, atlas + ROI table, TR, patch length, scaling,
+                             tasks with allowed answers, base LLM name + hash, training summary,
+                             metrics, sha256 of every file below
+    tokenizer/               the stage-1 tokenizer (tokenizer.json, tokenizer.safetensors)
+    projector.safetensors    token codes -> LLM positions, <fmri>/</fmri> markers
+    fmri_head.safetensors    next-patch token prediction
+    adapter/                 PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
+    README.md                model card
+
+The base LLM is referenced by name and hash, never copied. Loading checks the format version,
+every file's hash and the base LLM's hash, and says which file is missing or changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError, MissingInputError
+from .config import FMRILMConfig
+from .tasks import Task
+
+FORMAT_VERSION = 1
+META = "fmrilm.json"
+FILES = ("tokenizer/tokenizer.json", "tokenizer/tokenizer.safetensors", "projector.safetensors",
+         "fmri_head.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_id(meta: dict[str, Any]) -> str:
+    """Short identifier of a checkpoint: hash of its file hashes (changes with any weight)."""
+    blob = json.dumps(meta.get("files", {}), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def save_checkpoint(out_dir: str | os.PathLike, fm, tokenizer, tasks: list[Task], meta: dict[str, Any],
+                    card: str | None = None) -> Path:
+    """Write a complete checkpoint folder atomically (built in a temp folder, then renamed).
+
+    An existing checkpoint at ``out_dir`` is replaced only once the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        tokenizer.save(tmp / "tokenizer")
+        for name, module in (("projector.safetensors", fm.projector), ("fmri_head.safetensors", fm.fmri_head)):
+            state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+            save_file(state, str(tmp / name), metadata={"format": "pt"})
+        fm.llm.save_pretrained(str(tmp / "adapter"))
+        full = {
+            "format_version": FORMAT_VERSION,
+            "kind": "bids_fmrilm.fmrilm",
+            "config": fm.cfg.to_dict(),
+            "tasks": [t.to_dict() for t in tasks],
+            **{k: v for k, v in meta.items() if k not in {"format_version", "kind", "config", "tasks", "files"}},
+            "files": {f: sha256(tmp / f) for f in FILES},
+        }
+        full["id"] = model_id(full)
+        (tmp / META).write_text(json.dumps(full, indent=2, default=str))
+        if card is not None:
+            (tmp / "README.md").write_text(card)
+        for p in tmp.rglob("*"):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        os.chmod(tmp, 0o755)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.rename(out, old)
+        os.rename(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_meta(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
+    """``fmrilm.json`` of a checkpoint, with format version and file hashes checked."""
+    path = Path(path)
+    if not (path / META).is_file():
+        raise MissingInputError(f"not an fMRI-LM checkpoint ({META} missing)", path=path,
+                                fix="pass a folder written by `fmrilm pretrain` or `fmrilm instruct`")
+    try:
+        meta = json.loads((path / META).read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"unreadable {META}: {exc}", path=path / META, fix="re-download or retrain the checkpoint") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"checkpoint format version {meta.get('format_version')} is not {FORMAT_VERSION}",
+                        path=path / META, fix="use a checkpoint written by this version of bids_fmrilm")
+    if verify:
+        for f, h in meta.get("files", {}).items():
+            if not (path / f).is_file():
+                raise MissingInputError(f"checkpoint file {f} is missing", path=path,
+                                        fix="copy the complete checkpoint folder")
+            if sha256(path / f) != h:
+                raise DataError(f"checkpoint file {f} does not match its recorded hash (changed or corrupt)",
+                                path=path / f, fix="copy the checkpoint again or retrain it")
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", quantization: str = "none",
+                    trainable: bool = False, base_llm: str | None = None):
+    """Load a checkpoint: (FMRILM, Tokenizer, tasks, meta).
+
+    Parameters
+    ----------
+    device, quantization
+        Passed to :func:`~bids_fmrilm.model.llm.load_base_llm` (``auto`` = 4-bit on CUDA).
+    trainable : bool
+        LoRA, projector and head trainable (continued training, group-level adaptation).
+    base_llm : str, optional
+        Override the base LLM reference (a local copy of the same weights); its hash must match.
+    """
+    from safetensors.torch import load_file
+
+    from ..tokenizer import Tokenizer
+    from .adapters import load_lora
+    from .fmrilm import FMRILM
+    from .llm import base_llm_id_and_hash, load_base_llm
+
+    path = Path(path)
+    meta = read_meta(path)
+    cfg = FMRILMConfig.from_dict(meta["config"])
+    base = base_llm or meta["base_llm"]["id"]
+    llm, text_tok = load_base_llm(base, device=device, quantization=quantization)
+    want = meta["base_llm"].get("hash")
+    got = base_llm_id_and_hash(base)[1]
+    if want and got and want != got:
+        raise DataError(f"base LLM {base} has hash {got}, the checkpoint was trained on {want}", path=path / META,
+                        fix="install the base LLM the model card names")
+    llm = load_lora(llm, path / "adapter", trainable=trainable)
+    tok = Tokenizer.load(path / "tokenizer", device="cpu")
+    codebook = tok.model.quantizer.embed.detach().clone()
+    fm = FMRILM(llm, text_tok, codebook, roi_dim=tok.config.d_model, run_dim=tok.config.embed_dim, cfg=cfg)
+    fm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+    fm.fmri_head.load_state_dict(load_file(str(path / "fmri_head.safetensors")))
+    dev = next(llm.parameters()).device
+    fm.projector.to(dev)
+    fm.fmri_head.to(dev)
+    fm.codebook = fm.codebook.to(dev)
+    for p in list(fm.projector.parameters()) + list(fm.fmri_head.parameters()):
+        p.requires_grad_(trainable)
+    tasks = [Task.from_dict(t) for t in meta.get("tasks", [])]
+    fm.train(trainable)
+    return fm, tok, tasks, meta

@@ -1,0 +1,92 @@
+"""fMRI-LM configurations (dataclasses saved in every checkpoint).
+
+Presets:
+
+- ``tiny``: a few steps in seconds, for tests (any small causal LM);
+- ``cpu``: stages 2 and 3 on ABIDE with SmolLM2-135M on a 2-core CPU in under 2 hours;
+- ``paper``: GPU sizes (more fMRI slots per patch, longer texts, larger LoRA rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+
+@dataclass
+class FMRILMConfig:
+    name: str = "cpu"
+    # --- fMRI input to the LLM
+    slots_per_patch: int = 2  # LLM positions per time patch (attention pooling over ROIs)
+    max_patches: int = 16  # longer runs: the last max_patches patches (forecast) or a crop (training)
+    proj_dim: int = 128  # projector width before the LLM hidden size
+    head_dim: int = 128  # fMRI head width
+    # --- LoRA (PEFT) on attention and MLP projections
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # --- stage 2 objectives (loss weights)
+    w_text: float = 1.0  # text LM on descriptor texts
+    w_fmri: float = 1.0  # fMRI -> fMRI next-patch token prediction (fMRI head)
+    w_describe: float = 1.0  # fMRI -> descriptor text
+    text_only_fraction: float = 0.25  # share of stage-2 examples that are text-only
+    max_text_tokens: int = 80  # descriptor text truncated to this many tokens
+    # --- stage 3
+    w_instruct: float = 1.0
+    w_fmri_instruct: float = 0.2  # keep the fMRI head trained during instruction tuning
+    descriptor_questions: tuple[str, ...] = (
+        "fc_within.mean", "fc_between.mean", "graph.modularity", "graph.global_efficiency", "falff.mean",
+        "fc_within.DefaultMode", "alff.mean",
+    )
+    # --- optimisation
+    batch_size: int = 8
+    lr: float = 3e-4  # LoRA
+    lr_new: float = 1e-3  # projector, markers, fMRI head
+    weight_decay: float = 0.0
+    warmup_steps: int = 20
+    pretrain_steps: int = 400
+    instruct_steps: int = 400
+    grad_clip: float = 1.0
+    log_every: int = 10
+    checkpoint_every: int = 100
+    gradient_checkpointing: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora_targets"] = list(self.lora_targets)
+        d["descriptor_questions"] = list(self.descriptor_questions)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FMRILMConfig":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        for k in ("lora_targets", "descriptor_questions"):
+            if k in kw:
+                kw[k] = tuple(kw[k])
+        return cls(**kw)
+
+
+CONFIGS: dict[str, FMRILMConfig] = {
+    "tiny": FMRILMConfig(name="tiny", slots_per_patch=1, max_patches=6, proj_dim=16, head_dim=16, lora_r=4,
+                         lora_alpha=8, lora_dropout=0.0, max_text_tokens=24, batch_size=4, lr=3e-3, lr_new=3e-3,
+                         warmup_steps=1, pretrain_steps=6, instruct_steps=6, log_every=2, checkpoint_every=3,
+                         descriptor_questions=("fc_within.mean", "graph.modularity")),
+    "cpu": FMRILMConfig(),
+    "paper": FMRILMConfig(name="paper", slots_per_patch=8, max_patches=32, proj_dim=512, head_dim=512, lora_r=64,
+                          lora_alpha=128, max_text_tokens=384, batch_size=32, lr=2e-4, lr_new=5e-4,
+                          warmup_steps=500, pretrain_steps=20_000, instruct_steps=10_000, log_every=50,
+                          checkpoint_every=1000, gradient_checkpointing=True),
+}
+
+
+def get_config(name_or_config: str | FMRILMConfig, **overrides) -> FMRILMConfig:
+    """A preset by name (``tiny``, ``cpu``, ``paper``) or a config, with field overrides."""
+    if isinstance(name_or_config, FMRILMConfig):
+        cfg = name_or_config
+    else:
+        if name_or_config not in CONFIGS:
+            raise KeyError(f"unknown fMRI-LM config {name_or_config!r}; choose from {', '.join(CONFIGS)}")
+        cfg = CONFIGS[name_or_config]
+    return replace(cfg, **overrides) if overrides else replace(cfg)

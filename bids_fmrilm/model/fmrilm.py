@@ -1,0 +1,218 @@
+"""The fMRI-LM: a causal LLM that reads fMRI tokens between ``<fmri>`` and ``</fmri>``.
+
+Shapes: ``n`` time patches, ``R`` ROIs, ``c`` code width, ``K`` codebook size, ``M`` slots per
+patch, ``H`` LLM hidden size, ``L`` sequence length.
+
+    token ids (n,R) --codebook--> code vectors (n,R,c) + ROI embeddings (R,d) (frozen tokenizer)
+        --Projector: M learned queries attend over ROIs--> (n*M, H) patch slots
+    run embedding (tokenizer, language-aligned) --Projector.summary--> (1, H)
+    sequence:  text ... <fmri> slot_1 ... slot_nM summary </fmri> text ...
+        --LLM (LoRA on attention/MLP, QLoRA when 4-bit)--> hidden (L, H)
+        hidden at the last slot of patch p --FMRIHead--> logits (R, K) of patch p+1's token ids
+        hidden at text positions --lm_head--> next text token
+
+The summary sits after the patch slots, so causal attention keeps the next-patch objective honest
+(no slot sees a summary of patches that follow it). ``<fmri>``/``</fmri>`` are learned vectors,
+not new vocabulary rows, so the checkpoint stays small and the base LLM untouched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import FMRILMConfig
+from .tasks import FMRI, TEXT
+
+
+@dataclass
+class FMRIBlock:
+    """One run's fMRI input: token ids (n,R), ROI embeddings (R,d), run embedding (e,)."""
+
+    ids: torch.Tensor
+    roi: torch.Tensor
+    run_emb: torch.Tensor
+
+
+class Projector(nn.Module):
+    """Code vectors of a patch's ROIs -> ``M`` LLM positions (attention pooling over ROIs)."""
+
+    def __init__(self, code_dim: int, roi_dim: int, run_dim: int, hidden: int, cfg: FMRILMConfig, emb_rms: float):
+        super().__init__()
+        P, M = cfg.proj_dim, cfg.slots_per_patch
+        self.M = M
+        self.code_in = nn.Linear(code_dim, P)
+        self.roi_in = nn.Linear(roi_dim, P)
+        self.queries = nn.Parameter(torch.randn(M, P) / math.sqrt(P))
+        self.slot_pos = nn.Parameter(torch.zeros(M, P))
+        self.out = nn.Sequential(nn.LayerNorm(P), nn.Linear(P, 2 * P), nn.GELU(), nn.Linear(2 * P, hidden))
+        self.summary = nn.Sequential(nn.LayerNorm(run_dim), nn.Linear(run_dim, 2 * P), nn.GELU(), nn.Linear(2 * P, hidden))
+        self.markers = nn.Parameter(torch.randn(2, hidden) * emb_rms)  # <fmri>, </fmri>
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
+        self.scale = nn.Parameter(torch.tensor(float(emb_rms)))  # match the word embeddings' size
+
+    def forward(self, codes: torch.Tensor, roi: torch.Tensor, run_emb: torch.Tensor) -> torch.Tensor:
+        """codes (n,R,c), roi (R,d), run_emb (e,) -> (2 + n*M + 1, H): markers, slots, summary."""
+        k = self.code_in(codes) + self.roi_in(roi)[None]  # (n,R,P)
+        att = torch.softmax(torch.einsum("nrp,mp->nmr", k, self.queries) / math.sqrt(k.shape[-1]), dim=-1)
+        slots = torch.einsum("nmr,nrp->nmp", att, k) + self.slot_pos  # (n,M,P)
+        slots = self.scale * self.norm(self.out(slots)).reshape(-1, self.markers.shape[1])
+        summ = self.scale * self.norm(self.summary(run_emb[None]))
+        return torch.cat([self.markers[:1], slots, summ, self.markers[1:]])
+
+
+class FMRIHead(nn.Module):
+    """LLM hidden state at a patch -> logits over the codebook for every ROI of the next patch."""
+
+    def __init__(self, hidden: int, roi_dim: int, code_dim: int, cfg: FMRILMConfig):
+        super().__init__()
+        D = cfg.head_dim
+        self.h_in = nn.Linear(hidden, D)
+        self.roi_in = nn.Linear(roi_dim, D)
+        self.out = nn.Sequential(nn.GELU(), nn.LayerNorm(D), nn.Linear(D, code_dim))
+        self.temperature = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, h: torch.Tensor, roi: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+        """h (n,H), roi (R,d), codebook (K,c) -> logits (n,R,K)."""
+        e = self.out(self.h_in(h)[:, None] + self.roi_in(roi)[None])  # (n,R,c)
+        # negative squared distance to each code (the quantizer's own geometry)
+        d = e.pow(2).sum(-1, keepdim=True) - 2 * e @ codebook.t() + codebook.pow(2).sum(-1)
+        return -d / self.temperature.abs().clamp(min=1e-2)
+
+
+class FMRILM(nn.Module):
+    """LLM (PEFT-wrapped) + projector + fMRI head. The tokenizer stays outside (frozen)."""
+
+    def __init__(self, llm, text_tokenizer, codebook: torch.Tensor, roi_dim: int, run_dim: int, cfg: FMRILMConfig):
+        super().__init__()
+        self.cfg, self.llm, self.text_tokenizer = cfg, llm, text_tokenizer
+        H = llm.config.hidden_size
+        wemb = llm.get_input_embeddings().weight
+        emb_rms = float(wemb.detach().float().pow(2).mean().sqrt()) * math.sqrt(H)
+        self.register_buffer("codebook", codebook.detach().float().clone(), persistent=False)
+        self.projector = Projector(codebook.shape[1], roi_dim, run_dim, H, cfg, emb_rms)
+        self.fmri_head = FMRIHead(H, roi_dim, codebook.shape[1], cfg)
+
+    # ------------------------------------------------------------------ helpers
+    def _backbone(self):
+        """The decoder stack (LoRA layers injected) without the LM head."""
+        m = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return m.model, m.lm_head
+
+    def _encode_text(self, text: str) -> list[int]:
+        return self.text_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def build(self, examples: list[list[tuple]], blocks: list[FMRIBlock], max_text_tokens: int | None = None):
+        """Token ids, input embeddings and bookkeeping of a batch of segment lists (right padded).
+
+        Returns a dict with ``embeds`` (B,L,H), ``mask`` (B,L), ``targets`` list of (b, pos, token),
+        ``fmri`` list of (b, block index, first slot position, n patches), ``fmri_spans`` list of
+        (b, start, end) for pooling.
+        """
+        dev = self.codebook.device
+        wemb = self.llm.get_input_embeddings()
+        rows, targets, fmri, spans = [], [], [], []
+        for b, segs in enumerate(examples):
+            pieces, pos = [], 0
+            for seg in segs:
+                if seg[0] == TEXT:
+                    ids = self._encode_text(seg[1])
+                    if seg[2] and max_text_tokens:
+                        ids = ids[:max_text_tokens]
+                    if not ids:
+                        continue
+                    t = torch.tensor(ids, device=dev)
+                    pieces.append(wemb(t))
+                    if seg[2]:  # a target: predicted from the position before each token
+                        targets += [(b, pos + j - 1, tok) for j, tok in enumerate(ids) if pos + j > 0]
+                    pos += len(ids)
+                else:
+                    blk = blocks[seg[1]]
+                    v = self.projector(self.codebook[blk.ids.to(dev)], blk.roi.to(dev), blk.run_emb.to(dev))
+                    v = v.to(pieces[0].dtype if pieces else wemb.weight.dtype)
+                    n = blk.ids.shape[0]
+                    fmri.append((b, seg[1], pos + 1, n))
+                    spans.append((b, pos + 1, pos + v.shape[0] - 1))
+                    pieces.append(v)
+                    pos += v.shape[0]
+            rows.append(torch.cat(pieces))
+        L = max(r.shape[0] for r in rows)
+        H = rows[0].shape[1]
+        embeds = torch.zeros(len(rows), L, H, device=dev, dtype=rows[0].dtype)
+        mask = torch.zeros(len(rows), L, dtype=torch.long, device=dev)
+        for b, r in enumerate(rows):
+            embeds[b, : r.shape[0]] = r
+            mask[b, : r.shape[0]] = 1
+        return {"embeds": embeds, "mask": mask, "targets": targets, "fmri": fmri, "spans": spans}
+
+    def hidden(self, built: dict) -> torch.Tensor:
+        backbone, _ = self._backbone()
+        out = backbone(inputs_embeds=built["embeds"], attention_mask=built["mask"])
+        return out.last_hidden_state  # (B,L,H), after the final norm
+
+    def text_logprobs(self, h: torch.Tensor, targets: list[tuple]) -> torch.Tensor:
+        """Log-probability of each target token (only target positions go through the LM head)."""
+        if not targets:
+            return h.new_zeros(0)
+        _, lm_head = self._backbone()
+        b = torch.tensor([t[0] for t in targets], device=h.device)
+        p = torch.tensor([t[1] for t in targets], device=h.device)
+        tok = torch.tensor([t[2] for t in targets], device=h.device)
+        logits = lm_head(h[b, p]).float()
+        return torch.log_softmax(logits, -1).gather(1, tok[:, None])[:, 0]
+
+    def fmri_logits(self, h: torch.Tensor, built: dict, blocks: list[FMRIBlock], include_last: bool = False):
+        """Next-patch logits for each fMRI block: list of (block index, logits (n-1,R,K)).
+
+        With ``include_last`` the logits are (n,R,K): the last row forecasts the patch after the block.
+        """
+        M = self.cfg.slots_per_patch
+        out = []
+        for b, j, first, n in built["fmri"]:
+            m = n if include_last else n - 1
+            if m < 1:
+                continue
+            last_slots = first + M * torch.arange(1, m + 1, device=h.device) - 1  # last slot of patches 0..m-1
+            out.append((j, self.fmri_head(h[b, last_slots].float(), blocks[j].roi.to(h.device), self.codebook)))
+        return out
+
+    def forward(self, examples: list[list[tuple]], blocks: list[FMRIBlock], kinds: list[str],
+                weights: dict[str, float], fmri_weight: float, max_text_tokens: int | None = None) -> dict:
+        """Weighted training loss of a batch. ``kinds[b]`` names example b's objective."""
+        built = self.build(examples, blocks, max_text_tokens)
+        h = self.hidden(built)
+        lp = self.text_logprobs(h, built["targets"])
+        losses, total = {}, h.new_zeros((), dtype=torch.float32)
+        kind_of = torch.tensor([weights_index(kinds[t[0]]) for t in built["targets"]], device=h.device, dtype=torch.long) \
+            if built["targets"] else None
+        for i, kind in enumerate(KINDS):
+            if kind_of is None or kind not in weights:
+                continue
+            sel = kind_of == i
+            if sel.any():
+                losses[kind] = -lp[sel].mean()
+                total = total + weights[kind] * losses[kind]
+        fl = self.fmri_logits(h, built, blocks)
+        if fl and fmri_weight > 0:
+            ce, correct, count = [], 0, 0
+            for j, logits in fl:
+                tgt = blocks[j].ids[1:].to(h.device)
+                ce.append(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"))
+                correct += int((logits.argmax(-1) == tgt).sum())
+                count += tgt.numel()
+            losses["fmri"] = torch.stack(ce).sum() / count
+            losses["fmri_acc"] = torch.tensor(correct / count)
+            total = total + fmri_weight * losses["fmri"]
+        losses["loss"] = total
+        return losses
+
+
+KINDS = ("text", "describe", "instruct")
+
+
+def weights_index(kind: str) -> int:
+    return KINDS.index(kind)

@@ -1,0 +1,92 @@
+"""Batched inference on fMRI blocks: constrained answers, embeddings, descriptions, next patches.
+
+Everything here runs in eval mode under ``torch.no_grad`` and is deterministic (greedy decoding).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .fmrilm import FMRILM, FMRIBlock
+from .tasks import TEXT, Task, describe_segments, few_shot_segments, instruction_segments
+
+
+def _chunks(n: int, size: int):
+    for s in range(0, n, size):
+        yield range(s, min(n, s + size))
+
+
+@torch.no_grad()
+def score_options(fm: FMRILM, blocks: Sequence[FMRIBlock], task: Task, batch_size: int = 16,
+                  shots: Sequence[tuple[int, str]] | None = None, shot_blocks: Sequence[FMRIBlock] = ()) -> np.ndarray:
+    """Class probabilities (n_runs, n_answers) of a task's allowed answers for each block.
+
+    Each answer's score is the summed log-probability of its tokens after the prompt; a softmax
+    over the allowed answers turns scores into probabilities (constrained decoding: the model
+    cannot answer outside the task's answers). With ``shots`` ((index into ``shot_blocks``,
+    answer) pairs) the prompt is few-shot.
+    """
+    fm.eval()
+    all_blocks = list(shot_blocks) + list(blocks)
+    off = len(shot_blocks)
+    pairs = [(i, a) for i in range(len(blocks)) for a in range(len(task.answers))]
+    scores = np.zeros((len(blocks), len(task.answers)))
+    for chunk in _chunks(len(pairs), batch_size):
+        examples = []
+        for k in chunk:
+            i, a = pairs[k]
+            segs = (few_shot_segments(task, shots, off + i) if shots else instruction_segments(task, off + i))
+            examples.append(segs + [(TEXT, " " + task.answers[a], True)])
+        built = fm.build(examples, all_blocks)
+        lp = fm.text_logprobs(fm.hidden(built), built["targets"]).float().cpu().numpy()
+        rows = np.array([t[0] for t in built["targets"]])
+        for b, k in enumerate(chunk):
+            i, a = pairs[k]
+            scores[i, a] = lp[rows == b].sum()
+    scores -= scores.max(1, keepdims=True)
+    p = np.exp(scores)
+    return p / p.sum(1, keepdims=True)
+
+
+@torch.no_grad()
+def embed_blocks(fm: FMRILM, blocks: Sequence[FMRIBlock], batch_size: int = 16) -> np.ndarray:
+    """Run embeddings (n_runs, hidden): mean final hidden state over each fMRI block's positions."""
+    fm.eval()
+    out = []
+    for chunk in _chunks(len(blocks), batch_size):
+        built = fm.build([describe_segments(i) for i in chunk], list(blocks))
+        h = fm.hidden(built).float()
+        for b, s, e in built["spans"]:
+            out.append(h[b, s:e].mean(0).cpu().numpy())
+    return np.stack(out).astype(np.float32) if out else np.zeros((0, fm.llm.config.hidden_size), np.float32)
+
+
+@torch.no_grad()
+def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_tokens: int = 64) -> list[str]:
+    """Greedy descriptions after ``<fmri>...</fmri> Description:`` (one run at a time)."""
+    fm.eval()
+    texts = []
+    tok = fm.text_tokenizer
+    for i in range(len(blocks)):
+        built = fm.build([describe_segments(i)], list(blocks))
+        ids = fm.llm.generate(inputs_embeds=built["embeds"], attention_mask=built["mask"], max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        texts.append(tok.decode(ids[0], skip_special_tokens=True).strip())
+    return texts
+
+
+@torch.no_grad()
+def next_patch_logits(fm: FMRILM, blocks: Sequence[FMRIBlock], batch_size: int = 16,
+                      include_last: bool = False) -> list[torch.Tensor]:
+    """Teacher-forced next-patch logits (n-1, R, K) for each block (patch p predicts p+1); with
+    ``include_last`` (n, R, K), the last row forecasting the patch after the block."""
+    fm.eval()
+    out: list[torch.Tensor] = [None] * len(blocks)  # type: ignore[list-item]
+    for chunk in _chunks(len(blocks), batch_size):
+        built = fm.build([describe_segments(i) for i in chunk], list(blocks))
+        for j, logits in fm.fmri_logits(fm.hidden(built), built, list(blocks), include_last):
+            out[j] = logits.float().cpu()
+    return out

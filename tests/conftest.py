@@ -24,6 +24,10 @@ VALIDATOR = BIN / "bids-validator-deno"
 # keeps each message on one line so that tests can find it whole
 WIDE = {"COLUMNS": "1000"}
 
+# Tests of the signal and descriptor steps run without the packaged default model (its LLM pass
+# would multiply their run time); tests of model outputs pass --model explicitly.
+os.environ.setdefault("BIDS_FMRILM_MODEL", "none")
+
 
 @dataclass
 class CliResult:

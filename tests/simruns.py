@@ -40,6 +40,10 @@ def _write_dataset(root: Path, coords: np.ndarray, n_sub: int = 9) -> Path:
     """A participant-level output folder + a corpus of texts, three sites."""
     rng = np.random.default_rng(0)
     names = [f"ROI{i + 1:03d}" for i in range(len(coords))]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "simulated ROI series", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+         "GeneratedBy": [{"Name": "tests"}]}))
     lines = []
     for i in range(n_sub):
         sub = f"{i + 1:02d}"

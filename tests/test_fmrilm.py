@@ -298,3 +298,45 @@ def test_participant_level_writes_model_outputs(trained, tmp_path):
     from bids_fmrilm.bids.validate import validate_dataset
 
     validate_dataset(out)  # raises on errors
+    # a tokenizer folder as --model: tokens only
+    res = run_cli(data, tmp_path / "t", "participant", "--model", str(trained["root"] / "tok"))
+    assert res.code == 0, res.stderr
+    assert len(list((tmp_path / "t").glob("sub-*/func/*_desc-fmrilm_tokens.tsv.gz"))) == 2
+    assert not list((tmp_path / "t").glob("sub-*/func/*_predictions.tsv"))
+    # the report: one HTML per participant, every figure it references exists
+    import re
+
+    page = (out / "sub-01.html").read_text()
+    for heading in ("Carpet plot", "Connectivity", "Tokens", "Forecast", "Descriptors", "Generated description",
+                    "Zero-shot predictions"):
+        assert heading in page, heading
+    srcs = re.findall(r"<img src='([^']+)'", page)
+    assert len(srcs) == 4 and all((out / s).is_file() and (out / s).stat().st_size > 1000 for s in srcs)
+    assert all(s.startswith("sub-01/figures/") for s in srcs)
+    _screenshot_if_browser(out / "sub-01.html", tmp_path / "sub-01.png")
+    # another model over the same output: detected, its runs recomputed, not mixed silently
+    res = run_cli(data, out, "participant", "--model", str(trained["root"] / "tok"))
+    assert res.code == 0 and "other models" in res.stderr
+    ids = {json.loads(p.read_text())["ModelID"] for p in out.glob("sub-*/func/*_desc-fmrilm_tokens.json")}
+    assert len(ids) == 1 and ids != {meta["id"]}
+    assert not list(out.glob("sub-*/func/*_predictions.tsv")) and not list(out.glob("sub-*/func/*_embedding.tsv.gz"))
+    # the checkpoint carries the same tokenizer: the same tokens
+    assert _tree(tmp_path / "t", "sub-*/func/*_tokens.tsv.gz") == _tree(outs[0], "sub-*/func/*_tokens.tsv.gz")
+
+
+def _screenshot_if_browser(page, png):
+    """Render the report in headless Chromium (when installed) and check the image has content."""
+    import subprocess
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if exe is None:
+        return  # no browser on this machine: the HTML checks above still ran
+    subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={png}",
+                    "--window-size=1100,2400", f"file://{page}"], check=True, timeout=180,
+                   capture_output=True)
+    from PIL import Image
+
+    img = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert img.shape == (2400, 1100)
+    # text, tables and figures: many dark pixels, not a blank or error page
+    assert (img < 128).mean() > 0.01 and img.std() > 20

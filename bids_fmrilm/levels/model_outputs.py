@@ -88,9 +88,8 @@ def is_complete(writer: DerivativesWriter, run: Run, atlas: str, record: dict[st
     return all((writer.root / rel).is_file() for rel in meta.get("ModelOutputs", []))
 
 
-def write_run_outputs(model: LoadedModel, run: Run, atlas: str, cfg: Config, writer: DerivativesWriter,
-                      record: dict[str, Any]) -> list[Path]:
-    """Compute and write one run's model outputs (the tokens sidecar last). Returns the paths."""
+def prepare_run(model: LoadedModel, run: Run, atlas: str, writer: DerivativesWriter) -> dict[str, Any]:
+    """Read a run's cleaned series from the output folder and tokenize it."""
     from ..signals.pipeline import read_roi_timeseries
     from ..tokenizer.data import roi_coordinates
 
@@ -105,59 +104,94 @@ def write_run_outputs(model: LoadedModel, run: Run, atlas: str, cfg: Config, wri
     if not np.isfinite(coords).all():
         log.warning("%s: %d ROIs without MNI centroids (a learned 'unknown' embedding is used)", ts_path.name,
                     int((~np.isfinite(coords).all(1)).sum()))
-    written: list[Path] = []
-    base = {"Sources": [f"bids::{ts_path.relative_to(writer.root).as_posix()}"], **record}
+    item: dict[str, Any] = {"run": run, "atlas": atlas, "ts_path": ts_path, "n_volumes": len(ts), "columns": columns}
     if model.api is not None:
         prepared = model.api.prepare((ts, coords))
         prepared.source = str(ts_path)
-        ids = prepared.ids
+        item.update(prepared=prepared, ids=prepared.ids, run_emb=prepared.run_emb)
     else:
-        ids = model.tokenizer.tokenize(ts, coords, source=ts_path)["ids"]
+        res = model.tokenizer.tokenize(ts, coords, source=ts_path)
+        item.update(ids=res["ids"], run_emb=res["embedding"])
+    return item
+
+
+def compute_fmrilm(model: LoadedModel, items: list[dict[str, Any]]) -> None:
+    """Embeddings, descriptions, predictions and forecasts of several runs, batched through the model."""
+    from ..model.inference import embed_blocks, generate_descriptions, score_options
+
+    api = model.api
+    blocks = [api.block(it["prepared"]) for it in items]
+    for it, emb in zip(items, embed_blocks(api.fm, blocks)):
+        it["embedding"] = emb
+    for it, text in zip(items, generate_descriptions(api.fm, blocks, max_new_tokens=SAMPLING["max_new_tokens"])):
+        it["text"] = text
+    for it in items:
+        it["predictions"] = {}
+    for name, task in api.tasks.items():
+        for it, proba in zip(items, score_options(api.fm, blocks, task)):
+            it["predictions"][name] = proba
+    for it, blk in zip(items, blocks):
+        it["patches_used"] = int(blk.ids.shape[0])
+        it["forecast"] = api.forecast(it["prepared"]) if len(it["prepared"].ids) >= 2 else None
+
+
+def write_run_outputs(model: LoadedModel, item: dict[str, Any], writer: DerivativesWriter,
+                      record: dict[str, Any]) -> list[Path]:
+    """Write one run's model outputs (the tokens sidecar last). Returns the paths."""
+    run, atlas, ts_path = item["run"], item["atlas"], item["ts_path"]
+    previous = (read_json(_marker(writer, run, atlas)) or {}).get("ModelOutputs", [])
+    written: list[Path] = []
+    base = {"Sources": [f"bids::{ts_path.relative_to(writer.root).as_posix()}"], **record}
+    ids = item["ids"]
     P = model.tokenizer.patch_len
     tok_path = writer.path(run, "tokens", ".tsv.gz", atlas=atlas, desc="fmrilm")
-    write_tsv(tok_path, pd.DataFrame(ids, columns=columns))
+    write_tsv(tok_path, pd.DataFrame(ids, columns=item["columns"]))
     written.append(tok_path)
     if model.api is not None:
-        written += _write_fmrilm(model, run, atlas, prepared, columns, writer, base)
+        written += _write_fmrilm(model, item, writer, base)
     marker = _marker(writer, run, atlas)
     write_json(marker, {
         "Description": "fMRI-LM token ids: one row per time patch, one column per ROI (codebook indices)",
         "PatchLength": P, "PatchSeconds": P * model.tr, "RepetitionTime": model.tr,
-        "CodebookSize": model.tokenizer.codebook_size, "Atlas": atlas, "DroppedTrailingVolumes": int(len(ts) - len(ids) * P),
+        "CodebookSize": model.tokenizer.codebook_size, "Atlas": atlas,
+        "DroppedTrailingVolumes": int(item["n_volumes"] - len(ids) * P),
         "ModelOutputs": [p.relative_to(writer.root).as_posix() for p in written],
+        "TokenizerRunEmbedding": [round(float(v), 6) for v in item["run_emb"]],
         **base,
     })
+    # outputs of an earlier model that this one does not write: removed, never left beside new ones
+    keep = {p.relative_to(writer.root).as_posix() for p in written}
+    for rel in previous:
+        if rel not in keep and ".." not in rel:
+            (writer.root / rel).unlink(missing_ok=True)
     return written + [marker]
 
 
-def _write_fmrilm(model: LoadedModel, run: Run, atlas: str, prepared, columns: list[str], writer: DerivativesWriter,
-                  base: dict[str, Any]) -> list[Path]:
-    from ..model.inference import embed_blocks, generate_descriptions, score_options
+def _sidecar(p: Path, ext: str) -> Path:
+    return p.with_name(p.name[: -len(ext)] + ".json")
+
+
+def _write_fmrilm(model: LoadedModel, item: dict[str, Any], writer: DerivativesWriter, base: dict[str, Any]) -> list[Path]:
     from ..model.tasks import describe_segments
 
-    api = model.api
-    blk = api.block(prepared)
+    api, run, atlas, columns = model.api, item["run"], item["atlas"], item["columns"]
     out: list[Path] = []
-    # embedding
-    emb = embed_blocks(api.fm, [blk])[0]
+    emb = item["embedding"]
     cols = [f"e{i:04d}" for i in range(len(emb))]
     p = writer.path(run, "embedding", ".tsv.gz", atlas=atlas, desc="fmrilm")
     write_tsv(p, pd.DataFrame([emb], columns=cols))
-    write_json(p.with_name(p.name.replace(".tsv.gz", ".json")), {
+    write_json(_sidecar(p, ".tsv.gz"), {
         "Description": "Run embedding: mean final LLM hidden state over the run's fMRI positions",
-        "Columns": cols, "PatchesUsed": int(blk.ids.shape[0]), **base})
-    out += [p, p.with_name(p.name.replace(".tsv.gz", ".json"))]
-    # description
-    text = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"])[0]
+        "Columns": cols, "PatchesUsed": item["patches_used"], **base})
+    out += [p, _sidecar(p, ".tsv.gz")]
     prompt = "".join(s[1] if s[0] == "text" else "<fmri>...</fmri>" for s in describe_segments(0))
     p = writer.path(run, "description", ".json", atlas=atlas, desc="fmrilm")
-    write_json(p, {"Description": "Generated descriptor-style text for the run", "Text": text, "Prompt": prompt,
-                   "Sampling": SAMPLING, **base})
+    write_json(p, {"Description": "Generated descriptor-style text for the run", "Text": item["text"],
+                   "Prompt": prompt, "Sampling": SAMPLING, **base})
     out.append(p)
-    # predictions
     rows, answers = [], []
     for name, task in api.tasks.items():
-        proba = score_options(api.fm, [blk], task)[0]
+        proba = item["predictions"][name]
         row = {"task": name, "prediction": task.answers[int(np.argmax(proba))], "probability": float(np.max(proba))}
         for a, v in zip(task.answers, proba):
             row[f"p_{a}"] = float(v)
@@ -167,33 +201,45 @@ def _write_fmrilm(model: LoadedModel, run: Run, atlas: str, prepared, columns: l
     df = pd.DataFrame(rows, columns=["task", "prediction", "probability", *[f"p_{a}" for a in answers]])
     p = writer.path(run, "predictions", ".tsv", atlas=atlas, desc="fmrilm")
     write_tsv(p, df)
-    write_json(p.with_name(p.name.replace(".tsv", ".json")), {
+    write_json(_sidecar(p, ".tsv"), {
         "Description": "Zero-shot predictions: constrained answers with the probability of each allowed answer "
                        "(n/a where an answer does not belong to the task)",
         "Tasks": {n: {"question": t.question, "answers": list(t.answers)} for n, t in api.tasks.items()}, **base})
-    out += [p, p.with_name(p.name.replace(".tsv", ".json"))]
-    # forecast of the held-back last patch
-    if len(prepared.ids) >= 2:
-        fc = api.forecast(prepared)
+    out += [p, _sidecar(p, ".tsv")]
+    fc = item["forecast"]
+    if fc is not None:
         P = fc["observed"].shape[0]
-        n = len(prepared.ids)
+        n = len(item["ids"])
         vol = np.repeat(np.arange((n - 1) * P, n * P), len(columns))
         df = pd.DataFrame({"volume": vol, "roi": np.tile(columns, P), "predicted": fc["predicted"].ravel(),
                            "observed": fc["observed"].ravel()})
         p = writer.path(run, "forecast", ".tsv.gz", atlas=atlas, desc="fmrilm")
         write_tsv(p, df)
-        write_json(p.with_name(p.name.replace(".tsv.gz", ".json")), {
+        write_json(_sidecar(p, ".tsv.gz"), {
             "Description": "Forecast of the held-back last patch from the patches before it (robust-scaled units)",
             "Units": "robust-scaled (median 0, IQR 1 per ROI)",
             "MSE": fc["mse"], "Correlation": fc["correlation"], "TokenAccuracy": fc["token_accuracy"],
             "BaselineMSEZero": fc["mse_zero"], "BaselineMSEPersistence": fc["mse_persistence"], **base})
-        out += [p, p.with_name(p.name.replace(".tsv.gz", ".json"))]
+        out += [p, _sidecar(p, ".tsv.gz")]
     return out
 
 
-def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, progress: bool = True) -> list:
-    """Model outputs for every run whose time series are complete. Returns updated RunResults."""
-    from .participant import RunResult, _crash_report, _progress, _remove_outputs
+def _other_models(writer: DerivativesWriter, model_id: str) -> dict[str, int]:
+    found: dict[str, int] = {}
+    for js in writer.root.glob("sub-*/**/func/*_desc-fmrilm_tokens.json"):
+        mid = (read_json(js) or {}).get("ModelID")
+        if mid and mid != model_id:
+            found[mid] = found.get(mid, 0) + 1
+    return found
+
+
+def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, progress: bool = True,
+                   batch_runs: int = 8) -> list:
+    """Model outputs for every run whose time series are complete, ``batch_runs`` at a time.
+
+    Returns the RunResults, updated (a run failing here is marked failed; the others go on).
+    """
+    from .participant import _crash_report, _progress, _remove_outputs
 
     writer = DerivativesWriter(cfg.output_dir, cfg.bids_dir)
     t0 = time.time()
@@ -201,33 +247,67 @@ def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, prog
     record = model.record(cfg)
     log.info("model %s (%s) loaded in %.0f s on %s, quantization %s", model.id, model.kind, time.time() - t0,
              model.device, model.quantization)
+    others = _other_models(writer, model.id)
+    if others:
+        log.warning("OUTPUT_DIR holds model outputs of other models (%s); the selected runs are recomputed with %s, "
+                    "runs not selected keep theirs (see ModelID in each *_desc-fmrilm_tokens.json)",
+                    ", ".join(f"{k}: {v} runs" for k, v in others.items()), model.id)
     by_id = {(r.run_id, r.source): r for r in results}
+    todo = []
+    for run, atlas in runs:
+        res = by_id.get((run.run_id, run.relpath()))
+        if res is None or res.status == "failed":
+            continue
+        if not cfg.force and is_complete(writer, run, atlas, record):
+            continue
+        todo.append((run, atlas, res))
+
+    def fail(run, res, started, exc):
+        _remove_outputs(started)
+        if isinstance(exc, BidsAppError):
+            res.reason, res.code = exc.one_line(), int(exc.code)
+        else:
+            res.code = int(ExitCode.ERROR)
+            res.reason = f"{run.relpath()}: unexpected {exc.__class__.__name__} in the model pass: {exc}".splitlines()[0]
+        res.status = "failed"
+        res.traceback = _crash_report(cfg, run, exc)
+        log.error("%s", res.reason)
+
     bar = _progress(progress)
     with bar:
-        task = bar.add_task("model", total=len(runs))
-        for run, atlas in runs:
-            res = by_id.get((run.run_id, run.relpath()))
-            bar.advance(task)
-            if res is None or res.status == "failed":
-                continue
-            if not cfg.force and is_complete(writer, run, atlas, record):
-                continue
-            started = [_marker(writer, run, atlas)]
+        task = bar.add_task("model", total=len(todo))
+        for start in range(0, len(todo), batch_runs):
+            chunk, items = todo[start:start + batch_runs], []
             t = time.time()
-            try:
-                paths = write_run_outputs(model, run, atlas, cfg, writer, record)
-                res.status = "done"
-                res.outputs = tuple(res.outputs) + tuple(str(p) for p in paths)
-                res.seconds += time.time() - t
-            except BidsAppError as exc:
-                _remove_outputs(started)
-                res.status, res.reason, res.code = "failed", exc.one_line(), int(exc.code)
-                res.traceback = _crash_report(cfg, run, exc)
-                log.error("%s", res.reason)
-            except Exception as exc:
-                _remove_outputs(started)
-                res.status, res.code = "failed", int(ExitCode.ERROR)
-                res.reason = f"{run.relpath()}: unexpected {exc.__class__.__name__} in the model pass: {exc}".splitlines()[0]
-                res.traceback = _crash_report(cfg, run, exc)
-                log.error("%s", res.reason)
+            for run, atlas, res in chunk:
+                try:
+                    items.append((prepare_run(model, run, atlas, writer), res))
+                except Exception as exc:  # noqa: BLE001 - reported per run
+                    fail(run, res, [], exc)
+                    bar.advance(task)
+            if model.api is not None and items:
+                try:
+                    compute_fmrilm(model, [it for it, _ in items])
+                except Exception as exc:  # noqa: BLE001 - the batch failed: retry the runs one by one
+                    log.debug("batch failed (%s); computing its runs one at a time", exc)
+                    ok = []
+                    for it, res in items:
+                        try:
+                            compute_fmrilm(model, [it])
+                            ok.append((it, res))
+                        except Exception as exc1:  # noqa: BLE001
+                            fail(it["run"], res, [], exc1)
+                            bar.advance(task)
+                    items = ok
+            per_run = (time.time() - t) / max(1, len(chunk))
+            for it, res in items:
+                started = [_marker(writer, it["run"], it["atlas"])]
+                try:
+                    paths = write_run_outputs(model, it, writer, record)
+                    res.status = "done"
+                    res.outputs = tuple(res.outputs) + tuple(str(p) for p in paths)
+                    res.seconds += per_run
+                except Exception as exc:  # noqa: BLE001
+                    fail(it["run"], res, started, exc)
+                bar.advance(task)
     return results

@@ -286,7 +286,23 @@ def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
         results = run_model_pass(cfg, named, results, progress)
     results.sort(key=lambda r: (r.run_id, r.source))
     _write_summary(cfg, results)
+    write_reports(cfg, sorted({r.subject for r in runs}))
     return results
+
+
+def write_reports(cfg: Config, subjects: list[str]) -> None:
+    """``sub-<label>.html`` per participant, from the files written (a failure is a warning)."""
+    from ..reports.participant import build_participant_report
+
+    for sub in subjects:
+        try:
+            path = build_participant_report(cfg.output_dir, sub)
+            if path is not None:
+                log.info("report: %s", path)
+        except Exception as exc:  # a report problem never fails the runs
+            log.warning("report for sub-%s not written: %s: %s", sub, exc.__class__.__name__, exc)
+            if cfg.debug:
+                log.debug("%s", traceback.format_exc())
 
 
 def _report(res: RunResult, cfg: Config) -> None:

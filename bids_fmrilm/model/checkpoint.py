@@ -49,6 +49,29 @@ def model_id(meta: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "data" / "model"
+"""Where the packaged default checkpoint lives (its files are package data; the base LLM is not)."""
+
+
+def default_model_path() -> Path | None:
+    """The packaged default checkpoint, or None when this installation has none."""
+    return DEFAULT_MODEL_DIR if (DEFAULT_MODEL_DIR / META).is_file() else None
+
+
+def resolve_model(value: str | os.PathLike | None) -> str | None:
+    """``--model`` value -> checkpoint folder or None (no model pass).
+
+    Unset: ``$BIDS_FMRILM_MODEL`` if set, else the packaged default. ``none`` disables the model.
+    """
+    v = str(value) if value is not None else os.environ.get("BIDS_FMRILM_MODEL")
+    if v is None or v.strip().lower() == "default":
+        p = default_model_path()
+        return None if p is None else str(p)
+    if v.strip().lower() == "none":
+        return None
+    return v
+
+
 def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / META).is_file()
 

@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 class FMRILMConfig:
     name: str = "cpu"
     # --- fMRI input to the LLM
-    slots_per_patch: int = 2  # LLM positions per time patch (attention pooling over ROIs)
-    max_patches: int = 16  # longer runs: the last max_patches patches (forecast) or a crop (training)
+    slots_per_patch: int = 1  # LLM positions per time patch (attention pooling over ROIs)
+    max_patches: int = 12  # longer runs: the last max_patches patches (forecast) or a crop (training)
     proj_dim: int = 128  # projector width before the LLM hidden size
     head_dim: int = 128  # fMRI head width
     # --- LoRA (PEFT) on attention and MLP projections
@@ -30,7 +30,7 @@ class FMRILMConfig:
     w_fmri: float = 1.0  # fMRI -> fMRI next-patch token prediction (fMRI head)
     w_describe: float = 1.0  # fMRI -> descriptor text
     text_only_fraction: float = 0.25  # share of stage-2 examples that are text-only
-    max_text_tokens: int = 80  # descriptor text truncated to this many tokens
+    max_text_tokens: int = 64  # descriptor text truncated to this many tokens
     # --- stage 3
     w_instruct: float = 1.0
     w_fmri_instruct: float = 0.2  # keep the fMRI head trained during instruction tuning
@@ -44,7 +44,7 @@ class FMRILMConfig:
     lr_new: float = 1e-3  # projector, markers, fMRI head
     weight_decay: float = 0.0
     warmup_steps: int = 20
-    pretrain_steps: int = 400
+    pretrain_steps: int = 300
     instruct_steps: int = 400
     grad_clip: float = 1.0
     log_every: int = 10

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -96,10 +95,6 @@ class RunData:
 _ENTITY = re.compile(r"([a-zA-Z]+)-([a-zA-Z0-9]+)")
 _LONG = {"sub": "subject", "ses": "session", "task": "task", "run": "run", "acq": "acquisition",
          "atlas": "atlas", "desc": "desc", "space": "space", "rec": "reconstruction", "echo": "echo"}
-TS_PATTERNS = ("sub-*/func/*_timeseries.tsv.gz", "sub-*/ses-*/func/*_timeseries.tsv.gz",
-               "sub-*/func/*_timeseries.tsv", "sub-*/ses-*/func/*_timeseries.tsv")
-
-
 def parse_entities(path: str | os.PathLike) -> dict[str, str]:
     """BIDS entities of a file name (``sub`` -> ``subject``, ``ses`` -> ``session`` ...)."""
     out = {}
@@ -108,15 +103,6 @@ def parse_entities(path: str | os.PathLike) -> dict[str, str]:
         if m:
             out[_LONG.get(m.group(1), m.group(1))] = m.group(2)
     return out
-
-
-def find_timeseries(root: str | os.PathLike) -> list[Path]:
-    """``sub-*/[ses-*/]func/*_timeseries.tsv[.gz]`` files of a derivative folder, sorted."""
-    root = Path(root)
-    found: set[Path] = set()
-    for pat in TS_PATTERNS:
-        found.update(root.glob(pat))
-    return sorted(found)
 
 
 def run_key(entities: dict) -> tuple:
@@ -150,35 +136,39 @@ def roi_coordinates(root: Path, atlas: str, columns: list[str]) -> np.ndarray:
 
 
 def load_timeseries_dir(root: str | os.PathLike, keys: set | None = None, log=None) -> list[RunData]:
-    """Read and robust-scale every ``*_timeseries.tsv[.gz]`` run of a participant-level output.
+    """Read and robust-scale every ROI time-series run of a participant-level output.
+
+    Runs are found with :func:`bids_fmrilm.bids.layout.find_runs` (the same indexing as the
+    participant level: ``*_atlas-<A>_timeseries.tsv[.gz]`` with their JSON sidecars).
 
     Parameters
     ----------
     keys : set of tuple, optional
         Only runs whose :func:`run_key` is in this set.
     """
+    from ..bids.layout import find_runs
     from ..signals.pipeline import read_roi_timeseries
 
     root = Path(root)
     runs, coords_cache = [], {}
-    for path in find_timeseries(root):
-        ents = parse_entities(path)
+    for run in find_runs(root):
+        if run.kind != "roi":
+            continue
+        ents = {k: (None if v is None else str(v)) for k, v in run.entities.items()}
         if keys is not None and run_key(ents) not in keys:
             continue
-        raw, columns = read_roi_timeseries(path)
+        raw, columns = read_roi_timeseries(run.path)
         atlas = ents.get("atlas", "")
         ck = (atlas, tuple(columns))
         if ck not in coords_cache:
             coords_cache[ck] = roi_coordinates(root, atlas, columns)
         extra = {}
-        side = Path(str(path).split(".tsv")[0] + ".json")
-        if side.is_file():
-            try:
-                extra["tr"] = float(json.loads(side.read_text()).get("RepetitionTime"))
-            except (TypeError, ValueError, json.JSONDecodeError):
-                pass
+        try:
+            extra["tr"] = float(run.metadata.get("RepetitionTime"))
+        except (TypeError, ValueError):
+            pass
         ts, log_scale = scale_run(raw, return_log_scale=True)
-        runs.append(RunData(path=path, entities=ents, ts=ts, columns=columns, coords=coords_cache[ck],
+        runs.append(RunData(path=run.path, entities=ents, ts=ts, columns=columns, coords=coords_cache[ck],
                             atlas=atlas, extra=extra, log_scale=log_scale))
     if log:
         log(f"read {len(runs)} runs from {root}")

@@ -1,0 +1,1 @@
+"""HTML reports a person reads: per participant and for the group."""

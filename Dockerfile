@@ -93,12 +93,18 @@ RUN --mount=type=secret,id=ca-certificates \
  && fmrilm --version \
  && bids-validator-deno --version
 
+# 5. the base LLM converted once from its GGUF file (read-only at run time; the default model's
+#    own files are package data)
+RUN BIDS_FMRILM_CACHE=/opt/bids_fmrilm python -c "from bids_fmrilm.model.llm import resolve_base_llm; print(resolve_base_llm())" \
+ && chmod -R a+rX /opt/bids_fmrilm
+
 # Non-root user; every writable location is under /tmp (a tmpfs with --read-only) or a volume.
 RUN useradd --uid 1000 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin fmrilm
 
 ENV BIDS_FMRILM_CONTAINER=docker \
     BIDS_FMRILM_ATLAS_DIR=/opt/atlases \
     BIDS_FMRILM_CACHE=/tmp/bids_fmrilm_cache \
+    BIDS_FMRILM_BASE_DIR=/opt/bids_fmrilm/base \
     HOME=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     XDG_CONFIG_HOME=/tmp/.config \

@@ -46,8 +46,14 @@ def summary_counts(res) -> tuple[int, int, int]:
 
 
 def output_hashes(out: Path) -> dict[str, str]:
-    """Hashes of what a participant run computes (the per-run files and the ROI table)."""
-    return {k: v for k, v in tree_hashes(out).items() if k.startswith("sub-") or k.startswith("atlas-")}
+    """Hashes of what a participant run computes (the per-run files and the ROI table; not the report)."""
+    return {k: v for k, v in tree_hashes(out).items()
+            if (k.startswith("sub-") or k.startswith("atlas-")) and "/figures/" not in k and not k.endswith(".html")}
+
+
+def report_hashes(out: Path) -> dict[str, str]:
+    """Hashes of the participant reports and their figures."""
+    return {k: v for k, v in tree_hashes(out).items() if "/figures/" in k or k.endswith(".html")}
 
 
 @pytest.fixture(scope="module")
@@ -261,7 +267,8 @@ def test_force_recomputes(sim, first, work):
     assert summary_counts(res) == (1, 0, 0)
     after = tree_mtimes(out)
     changed = sorted(k for k in after if after[k] != before[k])
-    assert changed == sorted(k for k in before if k.startswith("sub-02/"))
+    # the report's figures are rewritten only when their content changes (same data: unchanged)
+    assert changed == sorted(k for k in before if k.startswith("sub-02/") and "/figures/" not in k)
     assert len(changed) == 3  # time series TSV + JSON, descriptors JSON
     assert output_hashes(out) == first["hashes"]  # recomputed, same bytes
 
@@ -282,6 +289,11 @@ def test_same_seed_outputs_byte_identical(sim, first, work):
     assert res.code == 0, res.stderr
     assert output_hashes(out) == first["hashes"]
     assert len(first["hashes"]) == 3 * len(ALL_RUNS) + 1  # series TSV + JSON and descriptors per run, + ROI table
+    # report: carpet + FC figure per run and one page per participant, byte-identical too
+    rep = report_hashes(out)
+    assert rep == report_hashes(first["out"])
+    assert len([k for k in rep if "/figures/" in k]) == 2 * len(ALL_RUNS)
+    assert sorted(k for k in rep if k.endswith(".html")) == ["sub-01.html", "sub-02.html", "sub-03.html"]
 
 
 def test_nprocs_2_identical(sim, first, work):

@@ -72,6 +72,11 @@ def _file_hash(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _converted_dir(name: str) -> Path:
+    """The converted folder: a pre-converted one under ``$BIDS_FMRILM_BASE_DIR`` (read-only images
+    convert at build time), else the cache."""
+    pre = os.environ.get("BIDS_FMRILM_BASE_DIR")
+    if pre and (Path(pre) / name.lower() / "bids_fmrilm_base.json").is_file():
+        return Path(pre) / name.lower()
     return cache_dir() / "base" / name.lower()
 
 

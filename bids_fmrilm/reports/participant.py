@@ -21,6 +21,16 @@ import pandas as pd
 from ..bids.writer import read_json, write_bytes
 
 
+def _write_if_changed(path: Path, data: bytes) -> Path:
+    """Atomic write, skipped when the file already holds these bytes (a re-run changes nothing)."""
+    try:
+        if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+            return path
+    except OSError:
+        pass
+    return write_bytes(path, data)
+
+
 def _fig_to_svg(fig) -> bytes:
     import matplotlib.pyplot as plt
 
@@ -192,7 +202,7 @@ def build_participant_report(out: Path, subject: str) -> Path | None:
 
         def fig(name: str, data: bytes, caption: str) -> None:
             path = fig_dir / f"{stem}_desc-{name}_figure.svg"
-            write_bytes(path, data)
+            _write_if_changed(path, data)
             figs.append((path.relative_to(out).as_posix(), caption))
 
         fig("carpet", carpet_figure(ts_o, nets, tr), "Carpet plot")
@@ -239,5 +249,5 @@ def build_participant_report(out: Path, subject: str) -> Path | None:
            f"<title>sub-{html.escape(subject)}</title><style>{CSS}</style></head><body>"
            + "\n".join(parts) + "</body></html>\n")
     path = out / f"sub-{subject}.html"
-    write_bytes(path, doc.encode())
+    _write_if_changed(path, doc.encode())
     return path

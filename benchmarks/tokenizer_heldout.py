@@ -30,8 +30,6 @@ def main(ckpt: str, corpus: str, ts_dir: str) -> dict:
     texts = read_corpus_texts(corpus)
     keys = {k for k, v in texts.items() if v["site"] in held}
     runs = load_timeseries_dir(ts_dir, keys=keys)
-    P = tok.patch_len
-    sse = sst_parts = 0.0
     preds, targets, ids_all, embs = [], [], [], []
     for r in runs:
         ids = tok.encode(r.ts, r.coords, source=r.path)

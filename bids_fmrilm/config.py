@@ -78,3 +78,20 @@ class Config:
         """JSON-ready view of the configuration."""
         d = dataclasses.asdict(self)
         return json.loads(json.dumps(d, default=str))
+
+
+def dataclass_from_dict(cls, d: dict[str, Any], tuples: tuple[str, ...] = ()):
+    """Build dataclass ``cls`` from a dict, ignoring unknown keys (older or newer checkpoints);
+    fields named in ``tuples`` are converted from JSON lists."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    kw = {k: (tuple(v) if k in tuples and v is not None else v) for k, v in d.items() if k in known}
+    return cls(**kw)
+
+
+def choose_preset(presets: dict[str, Any], name_or_config: Any, what: str, **overrides):
+    """A copy of preset ``name_or_config`` (a name in ``presets`` or a config object) with field overrides."""
+    if isinstance(name_or_config, str):
+        if name_or_config not in presets:
+            raise KeyError(f"unknown {what} config {name_or_config!r}; choose from {', '.join(presets)}")
+        name_or_config = presets[name_or_config]
+    return dataclasses.replace(name_or_config, **overrides)

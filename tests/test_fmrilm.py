@@ -11,7 +11,7 @@ import torch
 
 from bids_fmrilm.errors import DataError, UsageError
 from bids_fmrilm.model.tasks import DIAGNOSIS, SEX, default_tasks, few_shot_segments
-from simruns import _coords, _simulate, _write_dataset
+from simruns import _coords, _write_dataset
 
 WORDS = ("question what is the participant's sex options female male answer does have an autism spectrum diagnosis "
          "or are they a typical control which age group belong to child adolescent adult is average within-network "

@@ -9,7 +9,9 @@ Presets:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field
+
+from ..config import choose_preset, dataclass_from_dict
 
 
 @dataclass
@@ -60,12 +62,7 @@ class FMRILMConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "FMRILMConfig":
-        known = {f.name for f in fields(cls)}
-        kw = {k: v for k, v in d.items() if k in known}
-        for k in ("lora_targets", "descriptor_questions"):
-            if k in kw:
-                kw[k] = tuple(kw[k])
-        return cls(**kw)
+        return dataclass_from_dict(cls, d, tuples=("lora_targets", "descriptor_questions"))
 
 
 CONFIGS: dict[str, FMRILMConfig] = {
@@ -83,10 +80,4 @@ CONFIGS: dict[str, FMRILMConfig] = {
 
 def get_config(name_or_config: str | FMRILMConfig, **overrides) -> FMRILMConfig:
     """A preset by name (``tiny``, ``cpu``, ``paper``) or a config, with field overrides."""
-    if isinstance(name_or_config, FMRILMConfig):
-        cfg = name_or_config
-    else:
-        if name_or_config not in CONFIGS:
-            raise KeyError(f"unknown fMRI-LM config {name_or_config!r}; choose from {', '.join(CONFIGS)}")
-        cfg = CONFIGS[name_or_config]
-    return replace(cfg, **overrides) if overrides else replace(cfg)
+    return choose_preset(CONFIGS, name_or_config, "fMRI-LM", **overrides)

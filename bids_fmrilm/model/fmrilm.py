@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import FMRILMConfig
-from .tasks import FMRI, TEXT
+from .tasks import TEXT
 
 
 @dataclass
@@ -66,22 +66,28 @@ class Projector(nn.Module):
 
 
 class FMRIHead(nn.Module):
-    """LLM hidden state at a patch -> logits over the codebook for every ROI of the next patch."""
+    """LLM hidden state at a patch -> logits over the codebook for every ROI of the next patch.
 
-    def __init__(self, hidden: int, roi_dim: int, code_dim: int, cfg: FMRILMConfig):
+    Logits are the negative squared distances of a predicted code vector to every codebook entry
+    (the quantizer's own geometry), standardised over the codebook so that their scale does not
+    depend on the codebook's, times a learned sharpness, plus a learned log-prior of each code.
+    """
+
+    def __init__(self, hidden: int, roi_dim: int, code_dim: int, cfg: FMRILMConfig, codebook_size: int):
         super().__init__()
         D = cfg.head_dim
         self.h_in = nn.Linear(hidden, D)
         self.roi_in = nn.Linear(roi_dim, D)
         self.out = nn.Sequential(nn.GELU(), nn.LayerNorm(D), nn.Linear(D, code_dim))
-        self.temperature = nn.Parameter(torch.tensor(1.0))
+        self.log_sharpness = nn.Parameter(torch.tensor(math.log(2.0)))
+        self.prior = nn.Parameter(torch.zeros(codebook_size))
 
     def forward(self, h: torch.Tensor, roi: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
         """h (n,H), roi (R,d), codebook (K,c) -> logits (n,R,K)."""
         e = self.out(self.h_in(h)[:, None] + self.roi_in(roi)[None])  # (n,R,c)
-        # negative squared distance to each code (the quantizer's own geometry)
         d = e.pow(2).sum(-1, keepdim=True) - 2 * e @ codebook.t() + codebook.pow(2).sum(-1)
-        return -d / self.temperature.abs().clamp(min=1e-2)
+        d = (d - d.mean(-1, keepdim=True)) / (d.std(-1, keepdim=True) + 1e-6)
+        return -d * self.log_sharpness.exp() + self.prior
 
 
 class FMRILM(nn.Module):
@@ -95,7 +101,7 @@ class FMRILM(nn.Module):
         emb_rms = float(wemb.detach().float().pow(2).mean().sqrt()) * math.sqrt(H)
         self.register_buffer("codebook", codebook.detach().float().clone(), persistent=False)
         self.projector = Projector(codebook.shape[1], roi_dim, run_dim, H, cfg, emb_rms)
-        self.fmri_head = FMRIHead(H, roi_dim, codebook.shape[1], cfg)
+        self.fmri_head = FMRIHead(H, roi_dim, codebook.shape[1], cfg, codebook.shape[0])
 
     # ------------------------------------------------------------------ helpers
     def _backbone(self):

@@ -15,7 +15,9 @@ encoder and decoder see context (other ROIs at the same time, other patches of t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass
+
+from ..config import choose_preset, dataclass_from_dict
 
 
 @dataclass
@@ -69,8 +71,7 @@ class TokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TokenizerConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return dataclass_from_dict(cls, d)
 
 
 CONFIGS: dict[str, TokenizerConfig] = {
@@ -92,10 +93,4 @@ CONFIGS: dict[str, TokenizerConfig] = {
 
 def get_config(name_or_config: str | TokenizerConfig, **overrides) -> TokenizerConfig:
     """A preset by name (``tiny``, ``cpu``, ``paper``) or a config, with field overrides."""
-    if isinstance(name_or_config, TokenizerConfig):
-        cfg = name_or_config
-    else:
-        if name_or_config not in CONFIGS:
-            raise KeyError(f"unknown tokenizer config {name_or_config!r}; choose from {', '.join(CONFIGS)}")
-        cfg = CONFIGS[name_or_config]
-    return replace(cfg, **overrides) if overrides else replace(cfg)
+    return choose_preset(CONFIGS, name_or_config, "tokenizer", **overrides)

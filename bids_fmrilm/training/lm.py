@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from ..errors import MissingInputError, UsageError
 from ..model.config import FMRILMConfig, get_config
 from ..model.fmrilm import FMRIBlock
 from ..model.tasks import Task, default_tasks, describe_segments, instruction_segments, text_segments
+from .schedule import warmup_cosine
 
 TRAINER = "trainer"
 
@@ -156,15 +156,6 @@ def stage3_example(data: LMData, i: int, j: int, tasks: Sequence[Task], rng: np.
 
 
 # ------------------------------------------------------------------------------------ training
-def _lr_lambda(warmup: int, total: int):
-    def f(step):
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        prog = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog))
-    return f
-
-
 def train_stage(
     stage: str,
     corpus_jsonl: str | os.PathLike,
@@ -256,7 +247,7 @@ def train_stage(
     total = cfg.pretrain_steps if stage == "pretrain" else cfg.instruct_steps
     opt = torch.optim.AdamW([{"params": lora, "lr": cfg.lr}, {"params": new, "lr": cfg.lr_new}],
                             weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup_steps, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, total))
     model, opt, sched = accelerator.prepare(fm, opt, sched)
     raw = accelerator.unwrap_model(model)
 

@@ -19,7 +19,6 @@ metrics (stored in the checkpoint's ``tokenizer.json`` and in ``OUT_DIR/metrics.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import time
@@ -36,6 +35,7 @@ from ..tokenizer.config import TokenizerConfig, get_config
 from ..tokenizer.data import RunData, load_timeseries_dir, parse_entities, patchify, run_key
 from ..tokenizer.model import TokenizerModel, spectral_loss, usage_and_perplexity
 from ..tokenizer.tokenizer import Tokenizer
+from .schedule import warmup_cosine
 from .text_cache import TEXT_TEMPLATE, cached_text_embeddings
 
 CHECKPOINT = "checkpoint"
@@ -196,15 +196,6 @@ def _log_scale(run: RunData) -> np.ndarray:
     return np.asarray(run.log_scale, dtype=np.float32)
 
 
-def _lr_lambda(cfg: TokenizerConfig):
-    def f(step):
-        if step < cfg.warmup_steps:
-            return (step + 1) / max(1, cfg.warmup_steps)
-        prog = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * prog))
-    return f
-
-
 def _atomic_json(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -332,7 +323,7 @@ def train_tokenizer(
                 groups.append({"params": ps, "weight_decay": cfg.weight_decay if wd else 0.0,
                                "lr": cfg.lr * (cfg.encoder_lr_scale if is_enc else 1.0)})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.max_steps))
     train_ls = [_log_scale(r) for r in train_runs]
     test_ls = [_log_scale(r) for r in test_runs]
     levels = np.array([np.median(v) for v in train_ls])

@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  derivatives:           {deriv.resolve()}")
     print(f"  ROI time series:       {deriv.resolve()}/sub-*/func/*_timeseries.tsv.gz")
     print(f"  descriptors:           {deriv.resolve()}/sub-*/func/*_desc-descriptors_features.json")
+    if list(deriv.glob("sub-*/func/*_desc-fmrilm_tokens.json")):
+        print(f"  fMRI-LM outputs:       {deriv.resolve()}/sub-*/func/*_desc-fmrilm_*  (tokens, embedding, "
+              "description, predictions, forecast)")
+    print(f"  participant reports:   {deriv.resolve()}/sub-*.html")
     print(f"  group QC table:        {(deriv / 'group' / 'qc_runs.tsv').resolve()}")
     print(f"  diagnosis CV metrics:  {(deriv / 'group' / 'label-diagnosis_metrics.tsv').resolve()}")
     return 0

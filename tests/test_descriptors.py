@@ -333,3 +333,20 @@ def test_graph_measures_match_networkx():
     g = nx.from_numpy_array(w)
     assert _average_clustering(w) == pytest.approx(nx.average_clustering(g, weight="weight"), rel=1e-10)
     assert _global_efficiency(w > 0) == pytest.approx(nx.global_efficiency(g), rel=1e-10)
+
+
+def test_parse_levels_reads_generated_statements():
+    from bids_fmrilm.descriptors.text import describe, level_of, parse_levels
+
+    z = {"fc_within.mean": 2.4, "fc_between.mean": -1.2, "graph.modularity": 0.3, "motion.fd_mean": 3.1,
+         "alff.Visual": -2.2, "falff.mean": None}
+    feats = {"motion.fd_mean": 0.41}
+    for seed in range(5):  # every phrasing template parses back to the level it states
+        text = describe(feats, z, seed=seed)
+        got = parse_levels(text, z.keys())
+        assert got == {k: level_of(v) for k, v in z.items() if v is not None}, text
+    assert parse_levels("Modularity of the functional graph is typical. Nothing else.", z.keys()) == {
+        "graph.modularity": "typical"}
+    # a level in a later sentence is not attributed to a feature named without one
+    assert parse_levels("The global efficiency of the functional graph. It is higher than average.",
+                        ["graph.global_efficiency"]) == {}

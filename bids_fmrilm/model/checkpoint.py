@@ -76,8 +76,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / META).is_file()
 
 
-def save_checkpoint(out_dir: str | os.PathLike, fm, tokenizer, tasks: list[Task], meta: dict[str, Any],
-                    card: str | None = None) -> Path:
+def save_checkpoint(out_dir: str | os.PathLike, fm, tokenizer, tasks: list[Task], meta: dict[str, Any]) -> Path:
     """Write a complete checkpoint folder atomically (built in a temp folder, then renamed).
 
     An existing checkpoint at ``out_dir`` is replaced only once the new one is complete.
@@ -103,8 +102,9 @@ def save_checkpoint(out_dir: str | os.PathLike, fm, tokenizer, tasks: list[Task]
         }
         full["id"] = model_id(full)
         (tmp / META).write_text(json.dumps(full, indent=2, default=str))
-        if card is not None:
-            (tmp / "README.md").write_text(card)
+        from .card import model_card
+
+        (tmp / "README.md").write_text(model_card(full))
         for p in tmp.rglob("*"):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)
         os.chmod(tmp, 0o755)
@@ -119,6 +119,25 @@ def save_checkpoint(out_dir: str | os.PathLike, fm, tokenizer, tasks: list[Task]
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def update_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``{stage: metrics}`` into a checkpoint's ``fmrilm.json`` and rewrite its model card.
+
+    Weights and their hashes (hence the model id) are unchanged; both files are replaced atomically.
+    """
+    from .card import model_card
+
+    path = Path(path)
+    meta = read_meta(path, verify=False)
+    meta["metrics"] = {**meta.get("metrics", {}), **metrics}
+    for name, text in ((META, json.dumps(meta, indent=2, default=str)), ("README.md", model_card(meta))):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path / name)
+    return meta
 
 
 def read_meta(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:

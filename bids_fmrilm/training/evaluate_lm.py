@@ -57,8 +57,12 @@ def fc_logistic(fc_train: np.ndarray, y_train: np.ndarray, fc_test: np.ndarray, 
 
 def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray, test_idx: np.ndarray,
                      roi: torch.Tensor, seed: int = 0, n_describe: int = 40, stage: str = "instruct",
-                     log: Callable[[str], None] = print) -> dict[str, Any]:
-    """All held-out figures of a trained model (see module docstring)."""
+                     log: Callable[[str], None] = print, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All held-out figures of a trained model (see module docstring).
+
+    ``previous``: the evaluation of an earlier stage on the same split; its FC baselines (which do
+    not depend on the model) are reused instead of refitted.
+    """
     from ..descriptors.text import level_of, parse_levels
     from ..model.inference import generate_descriptions, next_patch_logits, score_options
     from .lm import make_block
@@ -110,7 +114,10 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
         entry["fmrilm"] = _auroc_bacc(yt, proba[:, 1]) if binary else _multiclass(yt, proba)
         majority = int(np.bincount(ytr, minlength=len(task.answers)).argmax())
         entry["majority_accuracy"] = float(np.mean(yt == majority))
-        if len(np.unique(ytr)) >= 2:
+        old = ((previous or {}).get("tasks") or {}).get(task.name) or {}
+        if "fc_logistic" in old and old.get("n") == entry["n"] and old.get("class_counts") == entry["class_counts"]:
+            entry["fc_logistic"] = old["fc_logistic"]
+        elif len(np.unique(ytr)) >= 2:
             fp = fc_logistic(data.fc[train_idx[keep_tr]], ytr, data.fc[test_idx[keep]], seed=seed)
             if fp.shape[1] < len(task.answers):
                 fp = np.pad(fp, ((0, 0), (0, len(task.answers) - fp.shape[1])))

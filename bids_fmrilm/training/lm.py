@@ -323,15 +323,12 @@ def train_stage(
     save_state(step)
     train_s = time.time() - t_loop
 
-    # ---- checkpoint (+ held-out evaluation for stage 3)
+    # ---- checkpoint first (usable as soon as training ends), then the held-out evaluation
     metrics: dict[str, Any] = {}
     if accelerator.is_main_process:
-        raw.eval()
-        if evaluate and len(test_idx):
-            from .evaluate_lm import evaluate_heldout
+        from ..model.checkpoint import update_metrics
 
-            metrics = evaluate_heldout(raw, tok, tasks, data, train_idx, test_idx, roi, seed=seed,
-                                       n_describe=n_describe, stage=stage, log=log)
+        raw.eval()
         training = dict(prev_meta.get("training", {}))
         training[stage] = {"corpus": str(corpus_jsonl), "timeseries_dir": str(timeseries_dir), "seed": seed,
                            "steps": step, "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),
@@ -339,6 +336,7 @@ def train_stage(
                            "quantization": getattr(raw.llm, "bids_fmrilm_quantization", "none")}
         training.update(heldout_sites=held, train_sites=sorted(set(data.sites) - set(held)),
                         n_heldout_runs=int(len(test_idx)))
+        refs = {ln.get("reference_id") for ln in _corpus_lines(corpus_jsonl) if ln.get("reference_id")}
         meta = {
             "stage": stage,
             "base_llm": {"id": base_id[0], "hash": base_id[1]},
@@ -346,26 +344,25 @@ def train_stage(
             "tr": float(tok.meta.get("tr", 2.0)),
             "patch_len": tok.patch_len,
             "scaling": tok.meta.get("scaling"),
-            "descriptor_reference": _reference_id(data),
+            "descriptor_reference": sorted(refs)[0] if len(refs) == 1 else sorted(refs),
             "training": training,
-            "metrics": {**prev_meta.get("metrics", {}), **({stage: metrics} if metrics else {})},
+            "metrics": dict(prev_meta.get("metrics", {})),
         }
-        from ..model.card import model_card
-
-        save_checkpoint(out / "model", raw, tok, tasks, meta, card=None)
-        from ..model.checkpoint import read_meta
-
-        full = read_meta(out / "model")
-        (out / "model" / "README.md").write_text(model_card(full))
-        if metrics:
-            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        save_checkpoint(out / "model", raw, tok, tasks, meta)
+        full = update_metrics(out / "model", {})
         log(f"checkpoint written to {out / 'model'} (id {full['id']})")
+        if evaluate and len(test_idx):
+            from .evaluate_lm import evaluate_heldout
+
+            prev_eval = next(iter(prev_meta.get("metrics", {}).values()), None) \
+                if prev_meta.get("training", {}).get("heldout_sites") == held else None
+            metrics = evaluate_heldout(raw, tok, tasks, data, train_idx, test_idx, roi, seed=seed,
+                                       n_describe=n_describe, stage=stage, log=log, previous=prev_eval)
+            update_metrics(out / "model", {stage: metrics})
+            (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            log(f"held-out metrics added to {out / 'model' / 'fmrilm.json'} and its model card")
     accelerator.wait_for_everyone()
     return metrics
-
-
-def _reference_id(data: LMData) -> str | None:
-    return None
 
 
 # ------------------------------------------------------------------------------------ CLI

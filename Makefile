@@ -25,11 +25,18 @@ demo: $(STAMP)
 	$(PY) -m bids_fmrilm.demo --out demo_out
 
 SHARED ?= ../shared
+# ROI series and descriptors for all 727 runs (about 11 min), the default model's outputs and reports
+# for 20 participants of the sites the model never saw (CMU, STANFORD, USM), then the group level
+ABIDE_20 := 0050436 0050439 0050447 0050469 0050477 0050483 0050499 0050500 0050505 0050511 \
+            0050514 0050519 0050529 0050653 0051167 0051172 0051174 0051186 0051188 0051191
 demo-abide: $(STAMP)
 	@if [ ! -d $(SHARED)/data/abide-cc200 ]; then echo "SKIPPED: $(SHARED)/data/abide-cc200 is absent"; else \
 	  export BIDS_FMRILM_ATLAS_DIR=$(SHARED)/atlases && \
-	  $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide participant --nprocs 2 && \
-	  $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide group; fi
+	  $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide participant --nprocs 2 --model none && \
+	  $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide participant --model default \
+	    --participant-label $(ABIDE_20) && \
+	  $(VENV)/bin/bids_fmrilm $(SHARED)/data/abide-cc200 demo_out/abide group --label diagnosis --cv-group site && \
+	  echo "reports: demo_out/abide/sub-*.html"; fi
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

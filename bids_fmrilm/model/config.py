@@ -36,6 +36,7 @@ class FMRILMConfig:
     # --- stage 3
     w_instruct: float = 1.0
     w_fmri_instruct: float = 0.2  # keep the fMRI head trained during instruction tuning
+    describe_fraction_instruct: float = 0.2  # stage-3 examples that stay fMRI -> description (keeps it)
     descriptor_questions: tuple[str, ...] = (
         "fc_within.mean", "fc_between.mean", "graph.modularity", "graph.global_efficiency", "falff.mean",
         "fc_within.DefaultMode", "alff.mean",

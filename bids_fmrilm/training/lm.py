@@ -146,8 +146,12 @@ def stage2_example(data: LMData, i: int, j: int, cfg: FMRILMConfig, rng: np.rand
     return describe_segments(j, data.texts[i]), "describe"
 
 
-def stage3_example(data: LMData, i: int, j: int, tasks: Sequence[Task], rng: np.random.Generator):
-    """An instruction on a task run ``i`` has an answer for (None when it has none)."""
+def stage3_example(data: LMData, i: int, j: int, tasks: Sequence[Task], rng: np.random.Generator,
+                   describe_fraction: float = 0.0):
+    """An instruction on a task run ``i`` has an answer for (None when it has none); a share of
+    ``describe_fraction`` stays fMRI -> description so that stage 3 keeps what stage 2 taught."""
+    if describe_fraction > 0 and rng.random() < describe_fraction:
+        return describe_segments(j, data.texts[i]), "describe"
     options = [(t, a) for t in tasks if (a := t.answer_for(data.phenotype[i], data.z[i])) is not None]
     if not options:
         return None, None
@@ -265,7 +269,8 @@ def train_stage(
             tmp.write_text(json.dumps({"step": at, "stage": stage, "seed": seed, "config": cfg.to_dict()}))
             os.replace(tmp, trainer_dir / "state.json")
 
-    weights = ({"text": cfg.w_text, "describe": cfg.w_describe} if stage == "pretrain" else {"instruct": cfg.w_instruct})
+    weights = ({"text": cfg.w_text, "describe": cfg.w_describe} if stage == "pretrain"
+               else {"instruct": cfg.w_instruct, "describe": cfg.w_describe})
     fmri_w = cfg.w_fmri if stage == "pretrain" else cfg.w_fmri_instruct
     metrics_path = out / "metrics.jsonl"
     limit = None if max_minutes is None else time.time() + 60 * max_minutes
@@ -286,7 +291,7 @@ def train_stage(
                 if stage == "pretrain":
                     segs, kind = stage2_example(data, i, j, cfg, rng)
                 else:
-                    segs, kind = stage3_example(data, i, j, tasks, rng)
+                    segs, kind = stage3_example(data, i, j, tasks, rng, cfg.describe_fraction_instruct)
                     if segs is None:
                         continue
                 blocks.append(make_block(data, i, roi, cfg.max_patches, rng))

@@ -295,6 +295,7 @@ def test_participant_level_writes_model_outputs(trained, tmp_path):
     res = run_cli(data, out, "participant", "--model", str(model), "--device", "cpu")
     assert res.code == 0, res.stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("sub-*/func/*fmrilm*")} == before
+    assert "nothing to do" in res.stderr and "loaded in" not in res.stderr  # the model was not even loaded
     from bids_fmrilm.bids.validate import validate_dataset
 
     validate_dataset(out)  # raises on errors

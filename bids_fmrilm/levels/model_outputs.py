@@ -45,30 +45,47 @@ def model_kind(spec: str | os.PathLike) -> str:
 
 
 class LoadedModel:
-    """The model used by the participant level (fMRI-LM checkpoint, or a tokenizer only)."""
+    """The model used by the participant level (fMRI-LM checkpoint, or a tokenizer only).
+
+    Identity (id, TR, settings) is read from the folder's metadata; the weights load on
+    :meth:`load`, only when some run needs model work.
+    """
 
     def __init__(self, spec: str | os.PathLike, cfg: Config):
+        import json
+
         from ..model.llm import resolve_device, resolve_quantization
 
         self.path = Path(spec)
         self.kind = model_kind(spec)
         self.device = resolve_device(cfg.device)
         self.quantization = resolve_quantization(cfg.quantization, self.device)
+        self.api = None
+        self.tokenizer = None
+        if self.kind == "fmrilm":
+            from ..model.checkpoint import read_meta
+
+            self.meta = read_meta(self.path)  # format version and file hashes checked here
+            self.id = str(self.meta["id"])
+        else:
+            self.meta = json.loads((self.path / "tokenizer.json").read_text())
+            self.id = hashlib.sha256((self.path / "tokenizer.safetensors").read_bytes()).hexdigest()[:16]
+        self.tr = float(self.meta.get("tr", 2.0))
+
+    def load(self) -> "LoadedModel":
+        """Load the weights (once)."""
+        if self.tokenizer is not None:
+            return self
         if self.kind == "fmrilm":
             from ..model.api import FMRILMModel
 
             self.api = FMRILMModel.load(self.path, device=str(self.device), quantization=self.quantization)
             self.tokenizer = self.api.tokenizer
-            self.id = self.api.id
-            self.meta = self.api.meta
         else:
             from ..tokenizer import Tokenizer
 
-            self.api = None
             self.tokenizer = Tokenizer.load(self.path)
-            self.meta = self.tokenizer.meta
-            self.id = hashlib.sha256((self.path / "tokenizer.safetensors").read_bytes()).hexdigest()[:16]
-        self.tr = float(self.meta.get("tr", 2.0))
+        return self
 
     def record(self, cfg: Config) -> dict[str, Any]:
         blob = f"{self.id}|{self.kind}|{cfg.seed}|{self.quantization}|{SAMPLING}"
@@ -242,11 +259,8 @@ def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, prog
     from .participant import _crash_report, _progress, _remove_outputs
 
     writer = DerivativesWriter(cfg.output_dir, cfg.bids_dir)
-    t0 = time.time()
     model = LoadedModel(cfg.model, cfg)
     record = model.record(cfg)
-    log.info("model %s (%s) loaded in %.0f s on %s, quantization %s", model.id, model.kind, time.time() - t0,
-             model.device, model.quantization)
     others = _other_models(writer, model.id)
     if others:
         log.warning("OUTPUT_DIR holds model outputs of other models (%s); the selected runs are recomputed with %s, "
@@ -261,6 +275,13 @@ def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, prog
         if not cfg.force and is_complete(writer, run, atlas, record):
             continue
         todo.append((run, atlas, res))
+    if not todo:
+        log.info("model %s: every selected run's model outputs are complete (nothing to do)", model.id)
+        return results
+    t0 = time.time()
+    model.load()
+    log.info("model %s (%s) loaded in %.0f s on %s, quantization %s", model.id, model.kind, time.time() - t0,
+             model.device, model.quantization)
 
     def fail(run, res, started, exc):
         _remove_outputs(started)

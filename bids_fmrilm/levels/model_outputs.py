@@ -133,21 +133,20 @@ def prepare_run(model: LoadedModel, run: Run, atlas: str, writer: DerivativesWri
 
 
 def compute_fmrilm(model: LoadedModel, items: list[dict[str, Any]]) -> None:
-    """Embeddings, descriptions, predictions and forecasts of several runs, batched through the model."""
+    """Embeddings, descriptions, predictions and forecasts of several runs.
+
+    Each run's forward passes hold only that run (all answers of a task scored in one batch), so
+    a run's outputs do not depend on which other runs were selected: padding a batch of runs of
+    different lengths changes results in the 6th digit.
+    """
     from ..model.inference import embed_blocks, generate_descriptions, score_options
 
     api = model.api
-    blocks = [api.block(it["prepared"]) for it in items]
-    for it, emb in zip(items, embed_blocks(api.fm, blocks)):
-        it["embedding"] = emb
-    for it, text in zip(items, generate_descriptions(api.fm, blocks, max_new_tokens=SAMPLING["max_new_tokens"])):
-        it["text"] = text
     for it in items:
-        it["predictions"] = {}
-    for name, task in api.tasks.items():
-        for it, proba in zip(items, score_options(api.fm, blocks, task)):
-            it["predictions"][name] = proba
-    for it, blk in zip(items, blocks):
+        blk = api.block(it["prepared"])
+        it["embedding"] = embed_blocks(api.fm, [blk])[0]
+        it["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"])[0]
+        it["predictions"] = {name: score_options(api.fm, [blk], task)[0] for name, task in api.tasks.items()}
         it["patches_used"] = int(blk.ids.shape[0])
         it["forecast"] = api.forecast(it["prepared"]) if len(it["prepared"].ids) >= 2 else None
 
@@ -252,7 +251,7 @@ def _other_models(writer: DerivativesWriter, model_id: str) -> dict[str, int]:
 
 def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, progress: bool = True,
                    batch_runs: int = 8) -> list:
-    """Model outputs for every run whose time series are complete, ``batch_runs`` at a time.
+    """Model outputs for every run whose time series are complete, read ``batch_runs`` at a time.
 
     Returns the RunResults, updated (a run failing here is marked failed; the others go on).
     """

@@ -132,23 +132,22 @@ def prepare_run(model: LoadedModel, run: Run, atlas: str, writer: DerivativesWri
     return item
 
 
-def compute_fmrilm(model: LoadedModel, items: list[dict[str, Any]]) -> None:
-    """Embeddings, descriptions, predictions and forecasts of several runs.
+def compute_fmrilm(model: LoadedModel, item: dict[str, Any]) -> None:
+    """Embedding, description, predictions and forecast of one prepared run (added to ``item``).
 
-    Each run's forward passes hold only that run (all answers of a task scored in one batch), so
-    a run's outputs do not depend on which other runs were selected: padding a batch of runs of
-    different lengths changes results in the 6th digit.
+    The forward passes hold only this run (all answers of a task scored in one batch), so its
+    outputs do not depend on which other runs were selected: padding a batch of runs of different
+    lengths changes results in the 6th digit.
     """
     from ..model.inference import embed_blocks, generate_descriptions, score_options
 
     api = model.api
-    for it in items:
-        blk = api.block(it["prepared"])
-        it["embedding"] = embed_blocks(api.fm, [blk])[0]
-        it["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"])[0]
-        it["predictions"] = {name: score_options(api.fm, [blk], task)[0] for name, task in api.tasks.items()}
-        it["patches_used"] = int(blk.ids.shape[0])
-        it["forecast"] = api.forecast(it["prepared"]) if len(it["prepared"].ids) >= 2 else None
+    blk = api.block(item["prepared"])
+    item["embedding"] = embed_blocks(api.fm, [blk])[0]
+    item["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"])[0]
+    item["predictions"] = {name: score_options(api.fm, [blk], task)[0] for name, task in api.tasks.items()}
+    item["patches_used"] = int(blk.ids.shape[0])
+    item["forecast"] = api.forecast(item["prepared"]) if len(item["prepared"].ids) >= 2 else None
 
 
 def write_run_outputs(model: LoadedModel, item: dict[str, Any], writer: DerivativesWriter,
@@ -249,9 +248,8 @@ def _other_models(writer: DerivativesWriter, model_id: str) -> dict[str, int]:
     return found
 
 
-def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, progress: bool = True,
-                   batch_runs: int = 8) -> list:
-    """Model outputs for every run whose time series are complete, read ``batch_runs`` at a time.
+def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, progress: bool = True) -> list:
+    """Model outputs for every run whose time series are complete, one run at a time.
 
     Returns the RunResults, updated (a run failing here is marked failed; the others go on).
     """
@@ -296,38 +294,18 @@ def run_model_pass(cfg: Config, runs: list[tuple[Run, str]], results: list, prog
     bar = _progress(progress)
     with bar:
         task = bar.add_task("model", total=len(todo))
-        for start in range(0, len(todo), batch_runs):
-            chunk, items = todo[start:start + batch_runs], []
+        for run, atlas, res in todo:
             t = time.time()
-            for run, atlas, res in chunk:
-                try:
-                    items.append((prepare_run(model, run, atlas, writer), res))
-                except Exception as exc:  # noqa: BLE001 - reported per run
-                    fail(run, res, [], exc)
-                    bar.advance(task)
-            if model.api is not None and items:
-                try:
-                    compute_fmrilm(model, [it for it, _ in items])
-                except Exception as exc:  # noqa: BLE001 - the batch failed: retry the runs one by one
-                    log.debug("batch failed (%s); computing its runs one at a time", exc)
-                    ok = []
-                    for it, res in items:
-                        try:
-                            compute_fmrilm(model, [it])
-                            ok.append((it, res))
-                        except Exception as exc1:  # noqa: BLE001
-                            fail(it["run"], res, [], exc1)
-                            bar.advance(task)
-                    items = ok
-            per_run = (time.time() - t) / max(1, len(chunk))
-            for it, res in items:
-                started = [_marker(writer, it["run"], it["atlas"])]
-                try:
-                    paths = write_run_outputs(model, it, writer, record)
-                    res.status = "done"
-                    res.outputs = tuple(res.outputs) + tuple(str(p) for p in paths)
-                    res.seconds += per_run
-                except Exception as exc:  # noqa: BLE001
-                    fail(it["run"], res, started, exc)
-                bar.advance(task)
+            started = [_marker(writer, run, atlas)]
+            try:
+                item = prepare_run(model, run, atlas, writer)
+                if model.api is not None:
+                    compute_fmrilm(model, item)
+                paths = write_run_outputs(model, item, writer, record)
+                res.status = "done"
+                res.outputs = tuple(res.outputs) + tuple(str(p) for p in paths)
+                res.seconds += time.time() - t
+            except Exception as exc:  # noqa: BLE001 - reported per run, the others go on
+                fail(run, res, started, exc)
+            bar.advance(task)
     return results

@@ -77,6 +77,15 @@ def _setup_logging(debug: bool) -> None:
 @click.option("--task-type", type=click.Choice(["auto", "classification", "regression"]), default="auto", show_default=True)
 @click.option("--cv-group", metavar="COLUMN", help="Group level: hold out whole groups of this column (e.g. site).")
 @click.option("--folds", type=click.IntRange(2), default=5, show_default=True, help="Group level: cross-validation folds.")
+@click.option("--shots", multiple=True, metavar="K",
+              help="Group level: participants per class for few-shot LoRA adaptation, one value per point of the "
+                   "learning curve ('all' = every training participant); the last value trains the saved adapter. "
+                   "Default: 8 32 all.")
+@click.option("--adapt-steps", type=click.IntRange(1), default=30, show_default=True,
+              help="Group level: LoRA optimisation steps per few-shot adaptation.")
+@click.option("--adapter", type=click.Path(path_type=Path), metavar="DIR",
+              help="Participant level: a group-level adapter (group/label-<L>_adapter) whose label is predicted "
+                   "beside the checkpoint's tasks.")
 @click.option("--descriptor-reference", type=click.Path(path_type=Path), metavar="JSON",
               help="Normative reference for descriptor z-scores (from fmrilm corpus --save-reference); default: the packaged ABIDE reference.")
 @click.option("--preproc", type=click.Choice(["auto", "minimal", "none"]), default="auto", show_default=True,
@@ -123,6 +132,9 @@ def bids_app_command(**kw) -> int:
         task_type=kw["task_type"],
         cv_group=kw["cv_group"],
         folds=kw["folds"],
+        shots=tuple(x for v in kw["shots"] for x in v.replace(",", " ").split()) or ("8", "32", "all"),
+        adapt_steps=kw["adapt_steps"],
+        adapter=kw["adapter"],
         debug=kw["debug"],
         descriptor_reference=kw["descriptor_reference"],
         signals=SignalSettings(atlas=kw["atlas"], target_tr=kw["target_tr"]),
@@ -191,7 +203,7 @@ def _run(command: click.Command, args: list[str] | None, prog: str) -> int:
     return int(rv or 0)
 
 
-MULTI_VALUE = ("--participant-label", "--participant_label", "--session-label", "--task", "--derivatives")
+MULTI_VALUE = ("--participant-label", "--participant_label", "--session-label", "--task", "--derivatives", "--shots")
 
 
 def expand_multi_values(args: list[str]) -> list[str]:

@@ -30,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
         make_fmriprep_dataset(bids, n_subjects=args.subjects, n_volumes=args.volumes, voxel_mm=4.0, seed=0)
     calls = {
         "participant": [str(bids), str(deriv), "participant", "--nprocs", str(args.nprocs)],
-        "group": [str(bids), str(deriv), "group", "--label", "diagnosis", "--folds", "3"],
+        # few-shot LoRA with 2 and all training participants per class, kept short for a demo
+        "group": [str(bids), str(deriv), "group", "--label", "diagnosis", "--folds", "3", "--shots", "2", "all",
+                  "--adapt-steps", "8"],
     }
     for level, call in calls.items():
         code = _run(bids_app_command, expand_multi_values(call), "bids_fmrilm")
@@ -48,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  participant reports:   {deriv.resolve()}/sub-*.html")
     print(f"  group QC table:        {(deriv / 'group' / 'qc_runs.tsv').resolve()}")
     print(f"  diagnosis CV metrics:  {(deriv / 'group' / 'label-diagnosis_metrics.tsv').resolve()}")
+    if (deriv / "group" / "label-diagnosis_adapter").is_dir():
+        print(f"  few-shot adapter:      {(deriv / 'group' / 'label-diagnosis_adapter').resolve()}")
+    print(f"  group report:          {(deriv / 'group' / 'group.html').resolve()}")
     return 0
 
 

@@ -380,3 +380,115 @@ def test_packaged_default_model_end_to_end(tmp_path):
     assert abs(pred.loc["diagnosis", ["p_autism", "p_control"]].sum() - 1) < 1e-6
     card = (_default_model() / "README.md").read_text()
     assert "Held-out" in card and "non-commercial" in card
+
+
+def test_group_level_few_shot_lora(trained, tmp_path):
+    """Group level with an fMRI-LM: zero-shot (equal to the participant level's predictions), embedding
+    probe, few-shot LoRA per K, learning curve, final adapter usable with participant --adapter,
+    group.html; bad adapters are refused."""
+    import pandas as pd
+
+    from bids_fmrilm.simulate import make_fmriprep_dataset
+    from conftest import run_cli
+
+    data = make_fmriprep_dataset(tmp_path / "in", n_subjects=8, n_volumes=40, voxel_mm=8.0)
+    model = trained["root"] / "ins" / "model"
+    out = tmp_path / "out"
+    assert run_cli(data, out, "participant", "--model", str(model), "--device", "cpu").code == 0
+    res = run_cli(data, out, "group", "--model", str(model), "--device", "cpu", "--label", "diagnosis", "--folds", "2",
+                  "--shots", "1", "all", "--adapt-steps", "3")
+    assert res.code == 0, res.stderr
+    g = out / "group"
+    pred = pd.read_csv(g / "label-diagnosis_predictions.tsv", sep="\t")
+    methods = ["chance", "fc_linear", "fmrilm_zeroshot", "fmrilm_embedding_probe", "fmrilm_fewshot_1",
+               "fmrilm_fewshot_all"]
+    for m in methods:
+        np.testing.assert_allclose(pred[f"{m}_p_ASD"] + pred[f"{m}_p_TD"], 1.0, atol=1e-6)
+    met = pd.read_csv(g / "label-diagnosis_metrics.tsv", sep="\t")
+    assert list(dict.fromkeys(met["method"])) == methods
+    assert set(met["metric"]) == {"balanced_accuracy", "f1", "auroc"}
+    # zero-shot = the participant level's own diagnosis probabilities (ASD -> autism)
+    for _, row in pred.iterrows():
+        pp = pd.read_csv(next(out.glob(f"{row['participant_id']}/func/*_predictions.tsv")), sep="\t").set_index("task")
+        assert abs(row["fmrilm_zeroshot_p_ASD"] - pp.loc["diagnosis", "p_autism"]) < 1e-5
+    # learning curve: K=1 uses one participant per class of the training fold, K=all every one
+    curve = pd.read_csv(g / "label-diagnosis_learningcurve.tsv", sep="\t", dtype={"shots": str})
+    assert curve["shots"].unique().tolist() == ["1", "all"]
+    assert curve.groupby("shots")["training_participants"].first().to_dict() == {"1": 2.0, "all": 4.0}
+    info = json.loads((g / "label-diagnosis_metrics.json").read_text())
+    assert len(info["Adaptation"]) == 4 and all(a["first_grad_norm"] > 0 for a in info["Adaptation"])
+    assert info["Model"]["ID"] == json.loads((model / "fmrilm.json").read_text())["id"]
+    # the final adapter, then used at the participant level beside the checkpoint's tasks
+    adapter = g / "label-diagnosis_adapter"
+    meta = json.loads((adapter / "adapter.json").read_text())
+    assert meta["ModelID"] == info["Model"]["ID"] and meta["Shots"] == "all" and len(meta["Participants"]) == 8
+    assert meta["AnswerForClass"] == {"ASD": "autism", "TD": "control"}
+    page = (g / "group.html").read_text()
+    assert "Label: diagnosis" in page and page.count("<svg") >= 3 and "few-shot LoRA, K=all" in page
+    before = pd.read_csv(next(out.glob("sub-01/func/*_predictions.tsv")), sep="\t").set_index("task")
+    res = run_cli(data, out, "participant", "--model", str(model), "--device", "cpu", "--adapter", str(adapter))
+    assert res.code == 0, res.stderr
+    after = pd.read_csv(next(out.glob("sub-01/func/*_predictions.tsv")), sep="\t").set_index("task")
+    assert "adapter:diagnosis" in after.index
+    np.testing.assert_allclose(after.loc["sex", ["p_female", "p_male"]].to_numpy(float),
+                               before.loc["sex", ["p_female", "p_male"]].to_numpy(float))  # base tasks untouched
+    assert after.loc["adapter:diagnosis", "p_autism"] != after.loc["diagnosis", "p_autism"]
+    marker = json.loads(next(out.glob("sub-01/func/*_desc-fmrilm_tokens.json")).read_text())
+    assert marker["Adapter"]["AdapterID"] == meta["AdapterID"]
+    # an adapter of another model, or an adapter without a checkpoint: usage errors before any run
+    bad = tmp_path / "bad_adapter"
+    shutil.copytree(adapter, bad)
+    (bad / "adapter.json").write_text(json.dumps({**meta, "ModelID": "0000000000000000"}))
+    res = run_cli(data, tmp_path / "o2", "participant", "--model", str(model), "--adapter", str(bad))
+    assert res.code == 64 and "adapter was trained on model 0000000000000000" in res.stderr
+    assert not list((tmp_path / "o2").glob("sub-*"))
+    res = run_cli(data, tmp_path / "o3", "participant", "--model", "none", "--adapter", str(adapter))
+    assert res.code == 64 and "--adapter needs" in res.stderr
+
+
+def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
+    """LoRA gradients are non-zero and the adapter moves toward the training answers; the shot
+    selection is nested over K and stays inside the training fold."""
+    from bids_fmrilm.levels.fewshot import AdaptSettings, Blocks, TokenRun, adapt, label_prompt, select_shots
+    from bids_fmrilm.model.checkpoint import load_checkpoint
+    from bids_fmrilm.model.inference import score_options
+
+    model = trained["root"] / "ins" / "model"
+    rng = np.random.default_rng(0)
+    coords = trained["coords"].astype(np.float32)
+    fm0, tok, tasks, _ = load_checkpoint(model)
+    runs = [TokenRun(f"{i}", rng.integers(0, tok.codebook_size, (6, len(coords))),
+                     rng.standard_normal(tok.config.embed_dim).astype(np.float32), coords) for i in range(6)]
+    prompt = label_prompt("group", "classification", ["child", "adult"], tasks)  # words of the tiny vocabulary
+    assert prompt.task.answers == ("child", "adult") and prompt.task.name == "label:group"
+    assert label_prompt("diagnosis", "classification", ["ASD", "TD"], tasks).task.name == "diagnosis"
+    ex = [(r, "adult") for r in runs]
+    blocks = Blocks(tok, fm0.cfg.max_patches)
+    p0 = score_options(fm0, [blocks(r) for r in runs], prompt.task)[:, 1]
+    fm, _, info = adapt(model, ex, prompt, AdaptSettings(steps=12, lr=3e-3, device="cpu", quantization="none"))
+    assert info["first_grad_norm"] > 0 and info["last_loss"] < info["first_loss"]
+    p1 = score_options(fm, [blocks(r) for r in runs], prompt.task)[:, 1]
+    assert p1.mean() > p0.mean() + 0.05
+    # shots: K per class, nested, training fold only
+    y = np.array(["A", "B"] * 10)
+    train, test = np.arange(14), np.arange(14, 20)
+    s2, s4 = (select_shots(y, train, k, "classification", 3) for k in (2, 4))
+    assert set(s2) <= set(s4) and not set(s4) & set(test)
+    assert sorted(np.unique(y[s4], return_counts=True)[1]) == [4, 4]
+    assert len(select_shots(y, train, None, "classification", 3)) == 14
+
+
+def test_regression_labels_become_quantile_bins():
+    from bids_fmrilm.levels.fewshot import label_prompt, parse_shots
+
+    y = np.arange(20, dtype=float)
+    p = label_prompt("age", "regression", [], [], y)
+    assert p.task.answers == ("very low", "low", "medium", "high", "very high") and len(p.task.bins) == 4
+    assert p.answers_for(np.array([0.0, 19.0])) == ["very low", "very high"]
+    np.testing.assert_allclose(p.centers, [1.5, 5.5, 9.5, 13.5, 17.5])
+    proba = np.array([[1, 0, 0, 0, 0], [0, 0, 0.5, 0.5, 0]], float)
+    np.testing.assert_allclose(p.to_prediction(proba, None), [1.5, 11.5])
+    assert label_prompt("x", "regression", [], [], np.array([0, 0, 1, 1.0])).task.answers == ("low", "high")
+    assert parse_shots(["8", "all", "32,8"]) == [8, 32, None]
+    with pytest.raises(UsageError):
+        parse_shots(["0"])

@@ -12,7 +12,7 @@ from bids_fmrilm.levels.crossval import (
     _binary_metrics,
     bootstrap_ci,
     chance_baseline,
-    fc_baseline,
+    linear_baseline,
     make_folds,
     metrics,
     out_of_fold,
@@ -75,7 +75,7 @@ def test_fast_binary_metrics_equal_sklearn():
         assert m["f1"] == pytest.approx(f1_score(y, hard, zero_division=0))
 
 
-def test_fc_baseline_beats_chance_on_separable_data(tmp_path):
+def test_linear_baseline_beats_chance_on_separable_data(tmp_path):
     rng = np.random.default_rng(0)
     n = 60
     y = np.array(["A", "B"] * (n // 2))
@@ -86,7 +86,7 @@ def test_fc_baseline_beats_chance_on_separable_data(tmp_path):
     pids = list(lab.values.index)
     folds = make_folds(lab, pids, 5, seed=0)
     yy = lab.values.to_numpy()
-    pred = out_of_fold(lambda yt: fc_baseline("classification", yt), X, yy, folds, ["A", "B"])
+    pred = out_of_fold(lambda yt: linear_baseline("classification", yt), X, yy, folds, ["A", "B"])
     chance = chance_baseline(yy, folds, ["A", "B"])
     m, mc = metrics(yy, pred, ["A", "B"]), metrics(yy, chance, ["A", "B"])
     assert m["auroc"] > 0.9 and m["balanced_accuracy"] > 0.8
@@ -98,7 +98,7 @@ def test_fc_baseline_beats_chance_on_separable_data(tmp_path):
     rows = [{"participant_id": f"sub-{i:02d}", "t": t[i]} for i in range(n)]
     lab = load_labels(_table(tmp_path, rows, "r.tsv"), "t")
     folds = make_folds(lab, list(lab.values.index), 5)
-    pr = out_of_fold(lambda yt: fc_baseline("regression", yt), X, lab.values.to_numpy(), folds, None)
+    pr = out_of_fold(lambda yt: linear_baseline("regression", yt), X, lab.values.to_numpy(), folds, None)
     mr = metrics(lab.values.to_numpy(), pr, None)
     assert mr["pearson_r"] > 0.5 and set(bootstrap_ci(lab.values.to_numpy(), pr, None, n_boot=100)) == {"mae", "pearson_r"}
 
@@ -137,7 +137,7 @@ def test_tiny_training_folds_use_a_fixed_penalty(tmp_path):
     rows = [{"participant_id": f"sub-{i:02d}", "dx": "ASD" if i % 2 else "TD"} for i in range(6)]
     lab = load_labels(_table(tmp_path, rows), "dx")
     folds = make_folds(lab, list(lab.values.index), 3)
-    pred = out_of_fold(lambda yt: fc_baseline("classification", yt), rng.standard_normal((6, 30)),
+    pred = out_of_fold(lambda yt: linear_baseline("classification", yt), rng.standard_normal((6, 30)),
                        lab.values.to_numpy(), folds, lab.classes)
     assert pred.shape == (6, 2) and np.isfinite(pred).all()
     np.testing.assert_allclose(pred.sum(1), 1.0)

@@ -88,10 +88,11 @@ def make_folds(labels: Labels, participants: list[str], n_folds: int = 5, seed: 
     return Folds(splits, grouping)
 
 
-def fc_baseline(task_type: str, y_train: np.ndarray, seed: int = 0, max_components: int = 100):
-    """Logistic (classification) or ridge (regression) regression on standardised FC.
+def linear_baseline(task_type: str, y_train: np.ndarray, seed: int = 0, max_components: int = 100):
+    """Logistic (classification) or ridge (regression) regression on standardised features (FC
+    edges, fMRI-LM embeddings).
 
-    FC has far more edges than there are participants, so the edges are first reduced to at most
+    Features can far outnumber participants, so they are first reduced to at most
     ``max_components`` principal components (fitted on the training folds, like everything else)
     and the regularisation strength is chosen by inner cross-validation (up to 3 folds, as many as
     the smallest training class allows; a fixed C=1 when it allows none).

@@ -95,17 +95,25 @@ def run_group(cfg: Config) -> pd.DataFrame:
     log.info("group QC: %d runs of %d participants -> %s", summary["Runs"], summary["Participants"], group / "qc_runs.tsv")
     if cfg.label:
         run_label_analysis(cfg, qc)
+    from ..reports.group import build_group_report
+
+    report = build_group_report(cfg.output_dir)
+    log.info("group report: %s", report)
     return qc
 
 
 def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
     """Cross-validated prediction of ``cfg.label`` from what the participant level wrote.
 
-    Writes ``group/label-<L>_predictions.tsv`` (out-of-fold predictions per participant),
-    ``group/label-<L>_metrics.tsv`` and ``.json`` (metrics with bootstrap 95 % intervals for each
-    method on the same folds).
+    Methods on the same folds: chance (training-fold frequencies or mean), linear model on FC,
+    and with an fMRI-LM (``cfg.model``) the zero-shot answer, a linear probe on its embeddings and
+    few-shot LoRA adaptation for each ``--shots`` K (:mod:`.fewshot`). Writes under ``group/``:
+    ``label-<L>_predictions.tsv`` (out-of-fold predictions per participant and method),
+    ``label-<L>_metrics.tsv`` and ``.json`` (metrics with bootstrap 95 % intervals),
+    ``label-<L>_learningcurve.tsv`` (few-shot metrics over K) and ``label-<L>_adapter/`` (the
+    adapter trained on every labelled participant, for ``participant --adapter``).
     """
-    from .crossval import bootstrap_ci, chance_baseline, fc_baseline, fc_features, make_folds, metrics, out_of_fold
+    from .crossval import bootstrap_ci, chance_baseline, fc_features, linear_baseline, make_folds, metrics, out_of_fold
     from .labels import load_labels
 
     table = cfg.labels_file or (cfg.bids_dir / "participants.tsv")
@@ -119,9 +127,20 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
         log.warning("%d labelled participants have no participant-level output and are left out", len(no_data))
     if labels.excluded:
         log.warning("%d participants have no %s label and are excluded", len(labels.excluded), cfg.label)
+    runs = _token_runs(cfg, pids)
+    if runs is not None:
+        no_tokens = [p for p in pids if p not in runs]
+        if no_tokens:
+            log.warning("%d labelled participants have no fMRI-LM tokens and are left out of every method "
+                        "(same participants and folds for all): %s", len(no_tokens), ", ".join(no_tokens[:5]))
+            no_data = sorted(no_data + no_tokens)
+            pids = [p for p in pids if p in runs]
     sub = labels.values.loc[pids]
     labels = type(labels)(labels.name, labels.task_type, sub, labels.excluded,
                           labels.groups.loc[pids] if labels.groups is not None else None)
+    if labels.task_type == "classification" and sub.nunique() < 2:
+        raise DataError(f"the participants with outputs have one {cfg.label} class only ({sub.iloc[0]!r})", path=table,
+                        fix="process participants of every class at the participant level")
     try:
         folds = make_folds(labels, pids, cfg.folds, cfg.seed)
     except DataError as exc:  # too few participants or groups: name the labels table
@@ -133,12 +152,26 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
     classes = labels.classes or None
     preds = {
         "chance": chance_baseline(y, folds, classes),
-        "fc_linear": out_of_fold(lambda yt: fc_baseline(labels.task_type, yt, cfg.seed), X, y, folds, classes),
+        "fc_linear": out_of_fold(lambda yt: linear_baseline(labels.task_type, yt, cfg.seed), X, y, folds, classes),
     }
+    group = cfg.output_dir / "group"
+    stem = f"label-{re.sub(r'[^A-Za-z0-9]', '', cfg.label)}"
+    fm_result = None
+    if runs is not None:
+        from .fewshot import AdaptSettings, final_adapter, fmrilm_cv, parse_shots
+
+        shots = parse_shots(cfg.shots)
+        settings = AdaptSettings(steps=cfg.adapt_steps, seed=cfg.seed, device=cfg.device, quantization=cfg.quantization)
+        fm_result = fmrilm_cv(cfg.model, cfg.label, labels.task_type, classes, pids, y, folds, runs, shots, settings)
+        preds.update(fm_result.predictions)
+        final_adapter(cfg.model, group / f"{stem}_adapter", cfg.label, labels.task_type, classes, pids, y, runs,
+                      shots[-1] if shots else None, settings)
     fold_of = np.empty(len(pids), int)
     for k, (_, test) in enumerate(folds.splits):
         fold_of[test] = k
     out = pd.DataFrame({"participant_id": [f"sub-{p}" for p in pids], "fold": fold_of, cfg.label: y})
+    if labels.groups is not None:
+        out[labels.groups.name] = labels.groups.to_numpy()
     rows = []
     for method, pred in preds.items():
         if classes:
@@ -152,8 +185,6 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
         for k, v in m.items():
             rows.append({"method": method, "metric": k, "value": v,
                          "ci_low": ci.get(k, [np.nan])[0], "ci_high": ci.get(k, [np.nan, np.nan])[1]})
-    group = cfg.output_dir / "group"
-    stem = f"label-{re.sub(r'[^A-Za-z0-9]', '', cfg.label)}"
     write_tsv(group / f"{stem}_predictions.tsv", out)
     mt = pd.DataFrame(rows)
     write_tsv(group / f"{stem}_metrics.tsv", mt, float_format="%.4f")
@@ -165,11 +196,56 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
         "Metrics": {m: {r["metric"]: [r["value"], r["ci_low"], r["ci_high"]] for r in rows if r["method"] == m}
                     for m in preds},
     }
+    if fm_result is not None:
+        curve = learning_curve(mt, fm_result.adaptation)
+        write_tsv(group / f"{stem}_learningcurve.tsv", curve, float_format="%.4f")
+        result.update({
+            "Model": {"Path": str(cfg.model), "ID": _model_id(cfg.model)},
+            "Prompt": fm_result.prompt.to_dict() if fm_result.prompt else "regression: quantile bins of each fold's targets",
+            "Shots": cfg.shots, "AdaptationSteps": cfg.adapt_steps, "Adaptation": fm_result.adaptation,
+            "Adapter": f"{stem}_adapter",
+        })
     write_json(group / f"{stem}_metrics.json", json_safe(result))
     for m in preds:
         log.info("%s %s: %s", cfg.label, m, ", ".join(f"{r['metric']} {r['value']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
                                                   for r in rows if r["method"] == m))
     return result
+
+
+def _model_id(path) -> str:
+    from ..model.checkpoint import read_meta
+
+    return str(read_meta(path, verify=False).get("id"))
+
+
+def _token_runs(cfg: Config, pids: list[str]):
+    """Token runs per participant when an fMRI-LM checkpoint is in use (else None)."""
+    if not cfg.model:
+        return None
+    from ..model.checkpoint import is_checkpoint, read_meta
+    from .fewshot import read_token_runs
+
+    if not is_checkpoint(cfg.model):
+        log.warning("--model %s is not an fMRI-LM checkpoint: the fMRI-LM methods are skipped", cfg.model)
+        return None
+    runs = read_token_runs(cfg.output_dir, pids, cfg.model, read_meta(cfg.model))
+    if not runs:
+        log.warning("no fMRI-LM tokens in %s (participant level run with --model none?): the fMRI-LM methods are "
+                    "skipped", cfg.output_dir)
+        return None
+    return runs
+
+
+def learning_curve(metrics_table: pd.DataFrame, adaptation: list[dict]) -> pd.DataFrame:
+    """One row per (K, metric): few-shot value with its interval and mean training participants."""
+    ad = pd.DataFrame(adaptation)
+    rows = []
+    for k, grp in ad.groupby("shots", sort=False):
+        m = metrics_table[metrics_table["method"] == f"fmrilm_fewshot_{k}"]
+        for _, r in m.iterrows():
+            rows.append({"shots": k, "training_participants": float(grp["participants"].mean()),
+                         "metric": r["metric"], "value": r["value"], "ci_low": r["ci_low"], "ci_high": r["ci_high"]})
+    return pd.DataFrame(rows, columns=["shots", "training_participants", "metric", "value", "ci_low", "ci_high"])
 
 
 def json_safe(obj):

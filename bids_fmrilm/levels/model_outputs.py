@@ -26,7 +26,7 @@ import pandas as pd
 from ..bids.layout import Run
 from ..bids.writer import DerivativesWriter, read_json, write_json, write_tsv
 from ..config import Config
-from ..errors import BidsAppError, DataError, ExitCode, MissingInputError
+from ..errors import BidsAppError, DataError, ExitCode, MissingInputError, UsageError
 
 log = logging.getLogger("bids_fmrilm")
 
@@ -69,8 +69,37 @@ class LoadedModel:
             self.id = str(self.meta["id"])
         else:
             self.meta = json.loads((self.path / "tokenizer.json").read_text())
-            self.id = hashlib.sha256((self.path / "tokenizer.safetensors").read_bytes()).hexdigest()[:16]
+            self.id = hashlib.sha256((self.path / "tokenizer.safetensors").read_bytes()).hexdigest()[:16]  # = TokenizerID
         self.tr = float(self.meta.get("tr", 2.0))
+        tok_file = self.path / ("tokenizer/tokenizer.safetensors" if self.kind == "fmrilm" else "tokenizer.safetensors")
+        self.tokenizer_id = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16] if tok_file.is_file() else ""
+        self.adapter_path = Path(cfg.adapter) if cfg.adapter else None
+        self.adapter: dict[str, Any] | None = None
+        if self.adapter_path is not None:
+            from .fewshot import read_adapter
+
+            if self.kind != "fmrilm":
+                raise UsageError("--adapter needs an fMRI-LM checkpoint as --model", path=self.adapter_path,
+                                 fix="pass the checkpoint the adapter was trained on")
+            self.adapter = read_adapter(self.adapter_path, self.id)
+
+    @property
+    def adapter_task(self) -> tuple[str, Any] | None:
+        """``("adapter:<label>", Task)`` of the group-level adapter, if one is used."""
+        if self.adapter is None:
+            return None
+        from ..model.tasks import Task
+
+        return f"adapter:{self.adapter['Label']}", Task.from_dict(self.adapter["Task"])
+
+    @property
+    def tasks(self) -> dict[str, Any]:
+        """Tasks answered per run: the checkpoint's, then the adapter's."""
+        out = dict(self.api.tasks) if self.api is not None else {}
+        if self.adapter_task is not None:
+            key, task = self.adapter_task
+            out[key] = task
+        return out
 
     def load(self) -> "LoadedModel":
         """Load the weights (once)."""
@@ -81,6 +110,10 @@ class LoadedModel:
 
             self.api = FMRILMModel.load(self.path, device=str(self.device), quantization=self.quantization)
             self.tokenizer = self.api.tokenizer
+            if self.adapter_path is not None:
+                from .fewshot import attach_adapter
+
+                attach_adapter(self.api.fm, self.adapter_path)
         else:
             from ..tokenizer import Tokenizer
 
@@ -88,10 +121,17 @@ class LoadedModel:
         return self
 
     def record(self, cfg: Config) -> dict[str, Any]:
-        blob = f"{self.id}|{self.kind}|{cfg.seed}|{self.quantization}|{SAMPLING}"
-        return {"ModelID": self.id, "ModelKind": self.kind, "ModelPath": str(self.path.resolve()),
-                "BaseLLM": self.meta.get("base_llm"), "Quantization": self.quantization, "Device": str(self.device),
-                "Seed": cfg.seed, "ModelSettingsHash": hashlib.sha256(blob.encode()).hexdigest()[:12]}
+        adapter = None
+        if self.adapter is not None:
+            adapter = {"AdapterID": self.adapter["AdapterID"], "Label": self.adapter["Label"],
+                       "Path": str(self.adapter_path.resolve())}
+        blob = f"{self.id}|{self.kind}|{cfg.seed}|{self.quantization}|{SAMPLING}|{adapter and adapter['AdapterID']}"
+        rec = {"ModelID": self.id, "ModelKind": self.kind, "ModelPath": str(self.path.resolve()),
+               "BaseLLM": self.meta.get("base_llm"), "Quantization": self.quantization, "Device": str(self.device),
+               "Seed": cfg.seed, "ModelSettingsHash": hashlib.sha256(blob.encode()).hexdigest()[:12]}
+        if adapter:
+            rec["Adapter"] = adapter
+        return rec
 
 
 def _marker(writer: DerivativesWriter, run: Run, atlas: str) -> Path:
@@ -146,6 +186,13 @@ def compute_fmrilm(model: LoadedModel, item: dict[str, Any]) -> None:
     item["embedding"] = embed_blocks(api.fm, [blk])[0]
     item["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"])[0]
     item["predictions"] = {name: score_options(api.fm, [blk], task)[0] for name, task in api.tasks.items()}
+    if model.adapter_task is not None:
+        key, task = model.adapter_task
+        api.fm.llm.set_adapter("label")
+        try:
+            item["predictions"][key] = score_options(api.fm, [blk], task)[0]
+        finally:
+            api.fm.llm.set_adapter("default")
     item["patches_used"] = int(blk.ids.shape[0])
     item["forecast"] = api.forecast(item["prepared"]) if len(item["prepared"].ids) >= 2 else None
 
@@ -171,6 +218,7 @@ def write_run_outputs(model: LoadedModel, item: dict[str, Any], writer: Derivati
         "CodebookSize": model.tokenizer.codebook_size, "Atlas": atlas,
         "DroppedTrailingVolumes": int(item["n_volumes"] - len(ids) * P),
         "ModelOutputs": [p.relative_to(writer.root).as_posix() for p in written],
+        "TokenizerID": model.tokenizer_id,
         "TokenizerRunEmbedding": [round(float(v), 6) for v in item["run_emb"]],
         **base,
     })
@@ -205,7 +253,7 @@ def _write_fmrilm(model: LoadedModel, item: dict[str, Any], writer: DerivativesW
                    "Prompt": prompt, "Sampling": SAMPLING, **base})
     out.append(p)
     rows, answers = [], []
-    for name, task in api.tasks.items():
+    for name, task in model.tasks.items():
         proba = item["predictions"][name]
         row = {"task": name, "prediction": task.answers[int(np.argmax(proba))], "probability": float(np.max(proba))}
         for a, v in zip(task.answers, proba):
@@ -219,7 +267,9 @@ def _write_fmrilm(model: LoadedModel, item: dict[str, Any], writer: DerivativesW
     write_json(_sidecar(p, ".tsv"), {
         "Description": "Zero-shot predictions: constrained answers with the probability of each allowed answer "
                        "(n/a where an answer does not belong to the task)",
-        "Tasks": {n: {"question": t.question, "answers": list(t.answers)} for n, t in api.tasks.items()}, **base})
+        "Tasks": {n: {"question": t.question, "answers": list(t.answers)} for n, t in model.tasks.items()},
+        **({"AdapterPrompt": {k: model.adapter[k] for k in ("Task", "TaskType", "AnswerForClass", "BinCenters")}}
+           if model.adapter else {}), **base})
     out += [p, _sidecar(p, ".tsv")]
     fc = item["forecast"]
     if fc is not None:

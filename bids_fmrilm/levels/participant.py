@@ -252,9 +252,12 @@ def run_participant(cfg: Config, progress: bool = True) -> list[RunResult]:
     """
     check_paths(cfg)
     if cfg.model is not None:
-        from .model_outputs import model_kind
+        from .model_outputs import LoadedModel
 
-        model_kind(cfg.model)  # a bad --model fails here, before any run is processed
+        LoadedModel(cfg.model, cfg)  # a bad --model or --adapter fails here, before any run is processed
+    elif cfg.adapter is not None:
+        raise UsageError("--adapter needs a --model checkpoint", path=cfg.adapter,
+                         fix="pass --model with the checkpoint the adapter was trained on")
     runs = select_runs(cfg)
     writer = DerivativesWriter(cfg.output_dir, cfg.bids_dir)
     writer.init_dataset()

@@ -38,6 +38,15 @@ class FMRIBlock:
     run_emb: torch.Tensor
 
 
+def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None) -> FMRIBlock:
+    """A run as model input: a random crop of ``max_patches`` patches (``rng`` given, training)
+    or its first ``max_patches`` patches."""
+    if len(ids) > max_patches:
+        s = int(rng.integers(0, len(ids) - max_patches + 1)) if rng is not None else 0
+        ids = ids[s:s + max_patches]
+    return FMRIBlock(torch.as_tensor(ids, dtype=torch.long), roi, torch.as_tensor(run_emb, dtype=torch.float32))
+
+
 class Projector(nn.Module):
     """Code vectors of a patch's ROIs -> ``M`` LLM positions (attention pooling over ROIs)."""
 

@@ -46,9 +46,9 @@ def _multiclass(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
 
 def fc_logistic(fc_train: np.ndarray, y_train: np.ndarray, fc_test: np.ndarray, seed: int = 0) -> np.ndarray:
     """Class probabilities of the FC baseline (PCA + LogisticRegressionCV, fitted on training sites)."""
-    from ..levels.crossval import fc_baseline
+    from ..levels.crossval import linear_baseline
 
-    model = fc_baseline("classification", y_train, seed=seed)
+    model = linear_baseline("classification", y_train, seed=seed)
     model.fit(fc_train.astype(np.float32), y_train)
     proba = np.zeros((len(fc_test), int(y_train.max()) + 1))
     proba[:, model.classes_] = model.predict_proba(fc_test.astype(np.float32))

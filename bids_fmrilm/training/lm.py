@@ -29,7 +29,7 @@ import torch
 
 from ..errors import MissingInputError, UsageError
 from ..model.config import FMRILMConfig, get_config
-from ..model.fmrilm import FMRIBlock
+from ..model.fmrilm import FMRIBlock, fmri_block
 from ..model.tasks import Task, default_tasks, describe_segments, instruction_segments, text_segments
 from .schedule import warmup_cosine
 
@@ -131,11 +131,7 @@ def split_sites(data: LMData, heldout_sites: Sequence[str]) -> tuple[np.ndarray,
 
 def make_block(data: LMData, i: int, roi: torch.Tensor, max_patches: int, rng: np.random.Generator | None = None) -> FMRIBlock:
     """Run ``i`` as a model input: a random crop (training) or the first ``max_patches`` patches."""
-    ids = data.ids[i]
-    if len(ids) > max_patches:
-        s = int(rng.integers(0, len(ids) - max_patches + 1)) if rng is not None else 0
-        ids = ids[s:s + max_patches]
-    return FMRIBlock(torch.as_tensor(ids.astype(np.int64)), roi, torch.from_numpy(data.run_emb[i]))
+    return fmri_block(data.ids[i].astype(np.int64), roi, data.run_emb[i], max_patches, rng)
 
 
 # ------------------------------------------------------------------------------------ examples

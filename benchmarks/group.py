@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from participant import _child_peak, roi_dataset  # noqa: E402
+from participant import _child_peak, roi_dataset
 
 TARGET_S = 15 * 60
 

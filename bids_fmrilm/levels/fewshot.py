@@ -25,8 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +35,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..bids.writer import read_json
+from ..bids.writer import atomic_dir, read_json
 from ..errors import DataError, UsageError
 from ..model.tasks import Task, instruction_segments, label_task
 
@@ -335,9 +333,7 @@ def shots_name(k: int | None) -> str:
 def save_adapter(out_dir: Path, fm, prompt: LabelPrompt, meta: dict[str, Any]) -> Path:
     """Write the adapted LoRA (PEFT folder) and ``adapter.json`` atomically (temp folder, rename)."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         fm.llm.save_pretrained(str(tmp))
         weights = tmp / "adapter_model.safetensors"
         full = {"Description": "Few-shot LoRA adapter of an fMRI-LM for a user's label (bids_fmrilm group level); "
@@ -345,18 +341,6 @@ def save_adapter(out_dir: Path, fm, prompt: LabelPrompt, meta: dict[str, Any]) -
                 **prompt.to_dict(), **meta,
                 "AdapterID": hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}
         (tmp / ADAPTER_META).write_text(json.dumps(full, indent=2, default=str))
-        for p in [tmp, *tmp.rglob("*")]:
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.rename(out_dir, old)
-        os.rename(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 

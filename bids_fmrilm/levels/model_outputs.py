@@ -237,7 +237,7 @@ def _sidecar(p: Path, ext: str) -> Path:
 def _write_fmrilm(model: LoadedModel, item: dict[str, Any], writer: DerivativesWriter, base: dict[str, Any]) -> list[Path]:
     from ..model.tasks import describe_segments
 
-    api, run, atlas, columns = model.api, item["run"], item["atlas"], item["columns"]
+    run, atlas, columns = item["run"], item["atlas"], item["columns"]
     out: list[Path] = []
     emb = item["embedding"]
     cols = [f"e{i:04d}" for i in range(len(emb))]

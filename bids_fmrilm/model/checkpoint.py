@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..bids.writer import atomic_dir
 from ..errors import DataError, MissingInputError
 from .config import FMRILMConfig
 from .tasks import Task
@@ -84,9 +84,7 @@ def save_checkpoint(out_dir: str | os.PathLike, fm, tokenizer, tasks: list[Task]
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         tokenizer.save(tmp / "tokenizer")
         for name, module in (("projector.safetensors", fm.projector), ("fmri_head.safetensors", fm.fmri_head)):
             state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -105,19 +103,6 @@ def save_checkpoint(out_dir: str | os.PathLike, fm, tokenizer, tasks: list[Task]
         from .card import model_card
 
         (tmp / "README.md").write_text(model_card(full))
-        for p in tmp.rglob("*"):
-            os.chmod(p, 0o755 if p.is_dir() else 0o644)
-        os.chmod(tmp, 0o755)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.rename(out, old)
-        os.rename(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -141,3 +141,27 @@ def test_tiny_training_folds_use_a_fixed_penalty(tmp_path):
                        lab.values.to_numpy(), folds, lab.classes)
     assert pred.shape == (6, 2) and np.isfinite(pred).all()
     np.testing.assert_allclose(pred.sum(1), 1.0)
+
+
+def test_within_fold_auroc_ignores_fold_offsets():
+    """A constant-per-fold predictor scores 0.5 within folds whatever its pooled AUROC; per-fold
+    offsets added to a good ranking leave the within-fold AUROC unchanged."""
+    from bids_fmrilm.levels.crossval import Folds, within_fold_auroc
+
+    rng = np.random.default_rng(0)
+    y = np.array(["A", "B"] * 30)
+    folds = Folds([(np.setdiff1d(np.arange(60), t), t) for t in np.array_split(rng.permutation(60), 3)], "participant")
+    prior = np.zeros((60, 2))
+    for k, (_, t) in enumerate(folds.splits):
+        prior[t] = [0.2 + 0.3 * k, 0.8 - 0.3 * k]
+    value, ci = within_fold_auroc(y, prior, ["A", "B"], folds, n_boot=200)
+    assert value == 0.5 and ci == [0.5, 0.5]
+    score = (y == "B") + rng.normal(0, 0.8, 60)
+    base = np.stack([1 - score, score], 1)
+    shifted = base.copy()
+    for k, (_, t) in enumerate(folds.splits):
+        shifted[t, 1] += 3.0 * k
+    a = within_fold_auroc(y, base, ["A", "B"], folds, n_boot=50)[0]
+    assert a > 0.7 and within_fold_auroc(y, shifted, ["A", "B"], folds, n_boot=50)[0] == a
+    assert metrics(y, shifted, ["A", "B"])["auroc"] != a  # pooled AUROC moves with the offsets
+    assert np.isnan(within_fold_auroc(y, base, None, folds)[0])

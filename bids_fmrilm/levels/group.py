@@ -113,7 +113,8 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
     ``label-<L>_learningcurve.tsv`` (few-shot metrics over K) and ``label-<L>_adapter/`` (the
     adapter trained on every labelled participant, for ``participant --adapter``).
     """
-    from .crossval import bootstrap_ci, chance_baseline, fc_features, linear_baseline, make_folds, metrics, out_of_fold
+    from .crossval import (bootstrap_ci, chance_baseline, fc_features, linear_baseline, make_folds, metrics, out_of_fold,
+                           within_fold_auroc)
     from .labels import load_labels
 
     table = cfg.labels_file or (cfg.bids_dir / "participants.tsv")
@@ -182,6 +183,9 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
             out[f"{method}_prediction"] = pred
         m = metrics(y, pred, classes)
         ci = bootstrap_ci(y, pred, classes, seed=cfg.seed)
+        wf, wf_ci = within_fold_auroc(y, pred, classes, folds, seed=cfg.seed)
+        if np.isfinite(wf):
+            m["auroc_within_fold"], ci["auroc_within_fold"] = wf, wf_ci
         for k, v in m.items():
             rows.append({"method": method, "metric": k, "value": v,
                          "ci_low": ci.get(k, [np.nan])[0], "ci_high": ci.get(k, [np.nan, np.nan])[1]})

@@ -140,7 +140,9 @@ def _label_section(group: Path, js: Path) -> str:
             parts.append(_svg(roc_figure(pred, label, classes, methods)))
         shown = [m for m in (few[-1:] + ["fc_linear"]) if f"{m}_prediction" in pred]
         parts.append(_svg(confusion_figure(pred, label, classes, shown)))
-        metric = "auroc" if len(classes) == 2 else "balanced_accuracy"
+        metric = "balanced_accuracy"
+        if len(classes) == 2:  # the within-fold AUROC is free of fold offsets (see crossval.within_fold_auroc)
+            metric = "auroc_within_fold" if (mt["metric"] == "auroc_within_fold").any() else "auroc"
     else:
         shown = [m for m in (few[-1:] + ["fc_linear"]) if f"{m}_prediction" in pred]
         parts.append(_svg(scatter_figure(pred, label, shown)))

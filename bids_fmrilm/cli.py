@@ -81,7 +81,7 @@ def _setup_logging(debug: bool) -> None:
               help="Group level: participants per class for few-shot LoRA adaptation, one value per point of the "
                    "learning curve ('all' = every training participant); the last value trains the saved adapter. "
                    "Default: 8 32 all.")
-@click.option("--adapt-steps", type=click.IntRange(1), default=30, show_default=True,
+@click.option("--adapt-steps", type=click.IntRange(1), default=20, show_default=True,
               help="Group level: LoRA optimisation steps per few-shot adaptation.")
 @click.option("--adapter", type=click.Path(path_type=Path), metavar="DIR",
               help="Participant level: a group-level adapter (group/label-<L>_adapter) whose label is predicted "

@@ -60,7 +60,7 @@ class Config:
     cv_group: str | None = None
     folds: int = 5
     shots: tuple[str, ...] = ("8", "32", "all")  # group level: few-shot K per class for the learning curve
-    adapt_steps: int = 30  # group level: LoRA optimisation steps per adaptation
+    adapt_steps: int = 20  # group level: LoRA optimisation steps per adaptation
     adapter: Path | None = None  # participant level: a group-level adapter used beside the checkpoint
     debug: bool = False
     descriptor_reference: Path | None = None

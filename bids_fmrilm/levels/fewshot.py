@@ -228,9 +228,9 @@ def embed_participants(fm, blocks: Blocks, runs: dict[str, list[TokenRun]], part
 class AdaptSettings:
     """Few-shot LoRA settings (group level)."""
 
-    steps: int = 30
+    steps: int = 20
     batch_size: int = 4
-    lr: float = 2e-4
+    lr: float = 3e-4
     warmup: int = 5
     seed: int = 0
     device: str = "auto"

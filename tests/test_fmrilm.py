@@ -406,7 +406,7 @@ def test_group_level_few_shot_lora(trained, tmp_path):
         np.testing.assert_allclose(pred[f"{m}_p_ASD"] + pred[f"{m}_p_TD"], 1.0, atol=1e-6)
     met = pd.read_csv(g / "label-diagnosis_metrics.tsv", sep="\t")
     assert list(dict.fromkeys(met["method"])) == methods
-    assert set(met["metric"]) == {"balanced_accuracy", "f1", "auroc"}
+    assert set(met["metric"]) == {"balanced_accuracy", "f1", "auroc", "auroc_within_fold"}
     # zero-shot = the participant level's own diagnosis probabilities (ASD -> autism)
     for _, row in pred.iterrows():
         pp = pd.read_csv(next(out.glob(f"{row['participant_id']}/func/*_predictions.tsv")), sep="\t").set_index("task")

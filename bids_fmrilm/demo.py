@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         "participant": [str(bids), str(deriv), "participant", "--nprocs", str(args.nprocs)],
         # few-shot LoRA with 2 and all training participants per class, kept short for a demo
         "group": [str(bids), str(deriv), "group", "--label", "diagnosis", "--folds", "3", "--shots", "2", "all",
-                  "--adapt-steps", "8"],
+                  "--adapt-steps", "6"],
     }
     for level, call in calls.items():
         code = _run(bids_app_command, expand_multi_values(call), "bids_fmrilm")

@@ -264,7 +264,8 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[TokenRun, str]
         p.requires_grad_(False)
     params = lora_parameters(fm.llm)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(settings.warmup, settings.steps))
+    warmup = max(1, min(settings.warmup, settings.steps // 4))  # a short run must not end in its warm-up
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, settings.steps))
     blocks = Blocks(tok, fm.cfg.max_patches)
     fm.train()
     losses, grad0 = [], None

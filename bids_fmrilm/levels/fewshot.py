@@ -58,12 +58,6 @@ class TokenRun:
     path: Path | None = None
 
 
-def tokenizer_id(checkpoint: str | os.PathLike) -> str:
-    """Identifier of a checkpoint's tokenizer, as the participant level records it for tokens
-    written with the tokenizer folder alone (``--model CHECKPOINT/tokenizer``)."""
-    return hashlib.sha256((Path(checkpoint) / "tokenizer" / "tokenizer.safetensors").read_bytes()).hexdigest()[:16]
-
-
 def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: str | os.PathLike,
                     meta: dict[str, Any]) -> dict[str, list[TokenRun]]:
     """Token runs per participant label (without ``sub-``) from the participant level's outputs.
@@ -78,7 +72,9 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
     """
     from ..tokenizer.data import roi_coordinates
 
-    wanted = {str(meta.get("id")), tokenizer_id(checkpoint)}
+    from ..model.checkpoint import tokenizer_id
+
+    wanted = {str(meta.get("id")), tokenizer_id(Path(checkpoint) / "tokenizer")}
     keep = set(participants)
     runs: dict[str, list[TokenRun]] = {}
     foreign: dict[str, int] = {}

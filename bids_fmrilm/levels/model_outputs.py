@@ -62,17 +62,16 @@ class LoadedModel:
         self.quantization = resolve_quantization(cfg.quantization, self.device)
         self.api = None
         self.tokenizer = None
-        if self.kind == "fmrilm":
-            from ..model.checkpoint import read_meta
+        from ..model.checkpoint import read_meta, tokenizer_id
 
+        if self.kind == "fmrilm":
             self.meta = read_meta(self.path)  # format version and file hashes checked here
             self.id = str(self.meta["id"])
+            self.tokenizer_id = tokenizer_id(self.path / "tokenizer")
         else:
             self.meta = json.loads((self.path / "tokenizer.json").read_text())
-            self.id = hashlib.sha256((self.path / "tokenizer.safetensors").read_bytes()).hexdigest()[:16]  # = TokenizerID
+            self.id = self.tokenizer_id = tokenizer_id(self.path)
         self.tr = float(self.meta.get("tr", 2.0))
-        tok_file = self.path / ("tokenizer/tokenizer.safetensors" if self.kind == "fmrilm" else "tokenizer.safetensors")
-        self.tokenizer_id = hashlib.sha256(tok_file.read_bytes()).hexdigest()[:16] if tok_file.is_file() else ""
         self.adapter_path = Path(cfg.adapter) if cfg.adapter else None
         self.adapter: dict[str, Any] | None = None
         if self.adapter_path is not None:

@@ -43,6 +43,12 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def tokenizer_id(folder: str | os.PathLike) -> str:
+    """Identifier of a tokenizer folder (hash of its weights): a tokenizer's model id at the
+    participant level, and the ``TokenizerID`` of tokens written by a checkpoint that carries it."""
+    return sha256(Path(folder) / "tokenizer.safetensors")[:16]
+
+
 def model_id(meta: dict[str, Any]) -> str:
     """Short identifier of a checkpoint: hash of its file hashes (changes with any weight)."""
     blob = json.dumps(meta.get("files", {}), sort_keys=True)

@@ -123,6 +123,13 @@ def test_api_predict_embed_describe_forecast(trained):
 
     ts, _ = read_roi_timeseries(run)
     assert m.predict((ts, trained["coords"]), "sex") == pytest.approx(p)
+    # tokens without their series (as the group level reads them) predict the same; forecasting needs the series
+    from dataclasses import replace
+
+    tokens_only = replace(m.prepare(run), scaled=None)
+    assert m.predict(tokens_only, "sex") == pytest.approx(p)
+    with pytest.raises(UsageError, match="forecasting needs the run's series"):
+        m.forecast(tokens_only)
 
 
 def test_reload_gives_identical_predictions_and_hashes_are_checked(trained, tmp_path):
@@ -463,25 +470,30 @@ def test_group_level_few_shot_lora(trained, tmp_path):
 def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     """LoRA gradients are non-zero and the adapter moves toward the training answers; the shot
     selection is nested over K and stays inside the training fold."""
-    from bids_fmrilm.levels.fewshot import AdaptSettings, Blocks, TokenRun, adapt, label_prompt, select_shots
-    from bids_fmrilm.model.checkpoint import load_checkpoint
+    from bids_fmrilm.levels.fewshot import AdaptSettings, adapt, label_prompt, select_shots
+    from bids_fmrilm.model.api import FMRILMModel, PreparedRun
     from bids_fmrilm.model.inference import score_options
 
     model = trained["root"] / "ins" / "model"
     rng = np.random.default_rng(0)
     coords = trained["coords"].astype(np.float32)
-    fm0, tok, tasks, _ = load_checkpoint(model)
-    runs = [TokenRun(f"{i}", rng.integers(0, tok.codebook_size, (6, len(coords))),
-                     rng.standard_normal(tok.config.embed_dim).astype(np.float32), coords) for i in range(6)]
+    m0 = FMRILMModel.load(model, device="cpu", quantization="none")
+    tok, tasks = m0.tokenizer, list(m0.tasks.values())
+    runs = [PreparedRun(rng.integers(0, tok.codebook_size, (6, len(coords))),
+                        rng.standard_normal(tok.config.embed_dim).astype(np.float32), coords) for _ in range(6)]
     prompt = label_prompt("group", "classification", ["child", "adult"], tasks)  # words of the tiny vocabulary
     assert prompt.task.answers == ("child", "adult") and prompt.task.name == "label:group"
     assert label_prompt("diagnosis", "classification", ["ASD", "TD"], tasks).task.name == "diagnosis"
     ex = [(r, "adult") for r in runs]
-    blocks = Blocks(tok, fm0.cfg.max_patches)
-    p0 = score_options(fm0, [blocks(r) for r in runs], prompt.task)[:, 1]
-    fm, _, info = adapt(model, ex, prompt, AdaptSettings(steps=12, lr=3e-3, device="cpu", quantization="none"))
+    p0 = score_options(m0.fm, [m0.block(r) for r in runs], prompt.task)[:, 1]
+    m1, info = adapt(model, ex, prompt, AdaptSettings(steps=12, lr=3e-3, device="cpu", quantization="none"))
     assert info["first_grad_norm"] > 0 and info["last_loss"] < info["first_loss"]
-    p1 = score_options(fm, [blocks(r) for r in runs], prompt.task)[:, 1]
+    p1 = score_options(m1.fm, [m1.block(r) for r in runs], prompt.task)[:, 1]
+    # a training crop is max_patches long and inside the run; without rng, the first patches
+    n = m1.max_patches
+    long = PreparedRun(np.arange(n + 3)[:, None].repeat(len(coords), 1), runs[0].run_emb, coords)
+    crops = {int(m1.block(long, rng=np.random.default_rng(s)).ids[0, 0]) for s in range(40)}
+    assert crops == {0, 1, 2, 3} and int(m1.block(long).ids[0, 0]) == 0 and len(m1.block(long).ids) == n
     assert p1.mean() > p0.mean() + 0.05
     # shots: K per class, nested, training fold only
     y = np.array(["A", "B"] * 10)

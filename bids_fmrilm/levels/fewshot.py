@@ -37,6 +37,7 @@ import torch
 
 from ..bids.writer import atomic_dir, read_json
 from ..errors import DataError, UsageError
+from ..model.api import FMRILMModel, PreparedRun
 from ..model.tasks import Task, instruction_segments, label_task
 
 log = logging.getLogger("bids_fmrilm")
@@ -47,20 +48,10 @@ BIN_ANSWERS = {2: ("low", "high"), 3: ("low", "medium", "high"), 4: ("very low",
 ADAPTER_META = "adapter.json"
 
 
-@dataclass
-class TokenRun:
-    """One run as the participant level tokenized it."""
-
-    participant: str
-    ids: np.ndarray  # (n_patches, R) codebook indices
-    run_emb: np.ndarray  # tokenizer run embedding
-    coords: np.ndarray  # (R, 3) MNI centroids
-    path: Path | None = None
-
-
 def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: str | os.PathLike,
-                    meta: dict[str, Any]) -> dict[str, list[TokenRun]]:
-    """Token runs per participant label (without ``sub-``) from the participant level's outputs.
+                    meta: dict[str, Any]) -> dict[str, list[PreparedRun]]:
+    """Token runs per participant label (without ``sub-``) from the participant level's outputs:
+    ids, the tokenizer's run embedding (tokens sidecar) and ROI centroids (``atlas-<A>_dseg.tsv``).
 
     Tokens must come from this checkpoint (or its tokenizer folder): tokens of another tokenizer
     index another codebook. Participants without tokens are absent from the result.
@@ -76,7 +67,7 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
 
     wanted = {str(meta.get("id")), tokenizer_id(Path(checkpoint) / "tokenizer")}
     keep = set(participants)
-    runs: dict[str, list[TokenRun]] = {}
+    runs: dict[str, list[PreparedRun]] = {}
     foreign: dict[str, int] = {}
     coords_cache: dict[tuple, np.ndarray] = {}
     for js in sorted(Path(output_dir).glob("sub-*/**/func/*_desc-fmrilm_tokens.json")):
@@ -95,9 +86,8 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
         key = (side.get("Atlas", ""), tuple(df.columns))
         if key not in coords_cache:
             coords_cache[key] = roi_coordinates(Path(output_dir), key[0], list(df.columns)).astype(np.float32)
-        runs.setdefault(label, []).append(TokenRun(label, df.to_numpy(np.int64), np.asarray(side["TokenizerRunEmbedding"],
-                                                                                              np.float32),
-                                                   coords_cache[key], tsv))
+        emb = np.asarray(side["TokenizerRunEmbedding"], np.float32)
+        runs.setdefault(label, []).append(PreparedRun(df.to_numpy(np.int64), emb, coords_cache[key], source=str(tsv)))
     if foreign and not runs:
         raise DataError(f"the participant level's tokens were written by model(s) {', '.join(foreign)}, not by "
                         f"{meta.get('id')}", path=output_dir,
@@ -169,27 +159,7 @@ def label_prompt(name: str, task_type: str, classes: Sequence[str], tasks: Seque
     return LabelPrompt(t, task_type, centers=centers)
 
 
-# ------------------------------------------------------------------------------------ model inputs
-class Blocks:
-    """Turns token runs into model inputs, caching ROI embeddings per atlas layout."""
-
-    def __init__(self, tokenizer, max_patches: int):
-        self.tok, self.max_patches = tokenizer, max_patches
-        self._roi: dict[bytes, torch.Tensor] = {}
-
-    def roi(self, coords: np.ndarray) -> torch.Tensor:
-        key = coords.tobytes()
-        if key not in self._roi:
-            with torch.no_grad():
-                self._roi[key] = self.tok.model.roi_embed(torch.from_numpy(coords)).detach()
-        return self._roi[key]
-
-    def __call__(self, run: TokenRun, rng: np.random.Generator | None = None):
-        from ..model.fmrilm import fmri_block
-
-        return fmri_block(run.ids, self.roi(run.coords), run.run_emb, self.max_patches, rng)
-
-
+# ------------------------------------------------------------------------------------ model outputs
 def _participant_mean(values: np.ndarray, owners: list[str], participants: Sequence[str]) -> np.ndarray:
     idx = {p: i for i, p in enumerate(participants)}
     out = np.zeros((len(participants),) + values.shape[1:])
@@ -200,22 +170,23 @@ def _participant_mean(values: np.ndarray, owners: list[str], participants: Seque
     return out / count.reshape((-1,) + (1,) * (values.ndim - 1))
 
 
-def score_participants(fm, blocks: Blocks, prompt: LabelPrompt, runs: dict[str, list[TokenRun]],
+def score_participants(model: FMRILMModel, prompt: LabelPrompt, runs: dict[str, list[PreparedRun]],
                        participants: Sequence[str]) -> np.ndarray:
     """Answer probabilities (n_participants, n_answers), averaged over each participant's runs."""
     from ..model.inference import score_options
 
     flat = [(p, r) for p in participants for r in runs[p]]
-    proba = np.concatenate([score_options(fm, [blocks(r)], prompt.task) for _, r in flat])
+    proba = np.concatenate([score_options(model.fm, [model.block(r)], prompt.task) for _, r in flat])
     return _participant_mean(proba, [p for p, _ in flat], participants)
 
 
-def embed_participants(fm, blocks: Blocks, runs: dict[str, list[TokenRun]], participants: Sequence[str]) -> np.ndarray:
+def embed_participants(model: FMRILMModel, runs: dict[str, list[PreparedRun]],
+                       participants: Sequence[str]) -> np.ndarray:
     """fMRI-LM embeddings (n_participants, hidden), averaged over each participant's runs."""
     from ..model.inference import embed_blocks
 
     flat = [(p, r) for p in participants for r in runs[p]]
-    emb = np.concatenate([embed_blocks(fm, [blocks(r)]) for _, r in flat])
+    emb = np.concatenate([embed_blocks(model.fm, [model.block(r)]) for _, r in flat])
     return _participant_mean(emb, [p for p, _ in flat], participants)
 
 
@@ -233,13 +204,14 @@ class AdaptSettings:
     quantization: str = "auto"
 
 
-def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[TokenRun, str]], prompt: LabelPrompt,
-          settings: AdaptSettings):
+def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, str]], prompt: LabelPrompt,
+          settings: AdaptSettings, verify: bool = True) -> tuple[FMRILMModel, dict[str, Any]]:
     """Train the checkpoint's LoRA adapter on ``(run, answer)`` instruction examples.
 
-    The model is loaded afresh (LoRA trainable; projector, fMRI head and tokenizer frozen).
-    Returns ``(fm, tokenizer, info)`` with the model in eval mode and ``info`` holding the
-    losses and the first step's LoRA gradient norm.
+    The model is loaded afresh (LoRA trainable; projector, fMRI head and tokenizer frozen;
+    ``verify=False`` skips the file hashes of a checkpoint the caller has already checked).
+    Returns ``(model, info)`` with the model in eval mode and ``info`` holding the losses and the
+    first step's LoRA gradient norm.
 
     Raises
     ------
@@ -254,22 +226,21 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[TokenRun, str]
         raise DataError("no training examples for few-shot adaptation")
     t0 = time.time()
     torch.manual_seed(settings.seed)
-    fm, tok, _, _ = load_checkpoint(checkpoint, device=settings.device, quantization=settings.quantization,
-                                    trainable=True)
+    model = FMRILMModel(*load_checkpoint(checkpoint, device=settings.device, quantization=settings.quantization,
+                                         trainable=True, verify=verify))
+    fm = model.fm.train()
     for p in list(fm.projector.parameters()) + list(fm.fmri_head.parameters()):
         p.requires_grad_(False)
     params = lora_parameters(fm.llm)
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     warmup = max(1, min(settings.warmup, settings.steps // 4))  # a short run must not end in its warm-up
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, settings.steps))
-    blocks = Blocks(tok, fm.cfg.max_patches)
-    fm.train()
     losses, grad0 = [], None
     for step in range(settings.steps):
         rng = np.random.default_rng([settings.seed, step])
         pick = rng.choice(len(examples), size=min(settings.batch_size, len(examples)), replace=False)
         segs = [instruction_segments(prompt.task, j, examples[i][1]) for j, i in enumerate(pick)]
-        blks = [blocks(examples[i][0], rng) for i in pick]
+        blks = [model.block(examples[i][0], rng=rng) for i in pick]
         out = fm(segs, blks, ["instruct"] * len(segs), {"instruct": 1.0}, 0.0)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -286,7 +257,7 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[TokenRun, str]
     k = max(1, len(losses) // 5)
     info = {"steps": settings.steps, "examples": len(examples), "first_loss": float(np.mean(losses[:k])),
             "last_loss": float(np.mean(losses[-k:])), "first_grad_norm": grad0, "seconds": round(time.time() - t0, 1)}
-    return fm, tok, info
+    return model, info
 
 
 def select_shots(y: np.ndarray, train: np.ndarray, shots: int | None, task_type: str, seed: int) -> np.ndarray:
@@ -370,34 +341,33 @@ class FMRILMResult:
     prompt: LabelPrompt | None = None
 
 
-def fmrilm_cv(checkpoint: str | os.PathLike, name: str, task_type: str, classes: list[str] | None,
-              participants: Sequence[str], y: np.ndarray, folds, runs: dict[str, list[TokenRun]],
-              shots: Sequence[int | None], settings: AdaptSettings) -> FMRILMResult:
+def fmrilm_cv(checkpoint: str | os.PathLike, meta: dict[str, Any], name: str, task_type: str,
+              classes: list[str] | None, participants: Sequence[str], y: np.ndarray, folds,
+              runs: dict[str, list[PreparedRun]], shots: Sequence[int | None], settings: AdaptSettings) -> FMRILMResult:
     """Zero-shot, embedding-probe and few-shot (one method per K) predictions on ``folds``.
 
-    Zero-shot answers and embeddings come from the checkpoint as trained; each (fold, K) trains a
-    fresh adapter on ``K`` training participants per class and scores the fold's held-out
-    participants. Nothing of a held-out participant reaches training (asserted).
+    ``meta`` is the checkpoint's ``fmrilm.json`` as read (hashes checked) by the caller. Zero-shot
+    answers and embeddings come from the checkpoint as trained; each (fold, K) trains a fresh
+    adapter on ``K`` training participants per class and scores the fold's held-out participants.
+    Nothing of a held-out participant reaches training (asserted).
     """
-    from ..model.checkpoint import load_checkpoint, read_meta
     from .crossval import linear_baseline, out_of_fold
 
     pids = np.asarray(participants)
-    tasks = [Task.from_dict(t) for t in read_meta(checkpoint, verify=False).get("tasks", [])]
+    tasks = [Task.from_dict(t) for t in meta.get("tasks", [])]
     shape = (len(pids), len(classes)) if classes else (len(pids),)
-    fm, tok, _, _ = load_checkpoint(checkpoint, device=settings.device, quantization=settings.quantization)
-    blocks = Blocks(tok, fm.cfg.max_patches)
-    emb = embed_participants(fm, blocks, runs, pids)
+    model = FMRILMModel.load(checkpoint, device=settings.device, quantization=settings.quantization, verify=False)
+    emb = embed_participants(model, runs, pids)
     zero = np.full(shape, np.nan)
     prompt = None
     if classes:
         prompt = label_prompt(name, task_type, classes, tasks)
-        zero[:] = prompt.to_prediction(score_participants(fm, blocks, prompt, runs, pids), classes)
+        zero[:] = prompt.to_prediction(score_participants(model, prompt, runs, pids), classes)
     else:  # the bins come from each fold's training targets
         for train, test in folds.splits:
             p = label_prompt(name, task_type, [], tasks, y[train])
-            zero[test] = p.to_prediction(score_participants(fm, blocks, p, runs, pids[test]), None)
-    del fm
+            zero[test] = p.to_prediction(score_participants(model, p, runs, pids[test]), None)
+    del model
     log.info("fMRI-LM zero-shot and embeddings: %d participants (%s)", len(pids),
              f"task {prompt.task.name!r}" if prompt else "regression bins per fold")
     preds = {"fmrilm_zeroshot": zero,
@@ -411,10 +381,9 @@ def fmrilm_cv(checkpoint: str | os.PathLike, name: str, task_type: str, classes:
             sel = select_shots(y, train, k, task_type, settings.seed + f)
             assert not set(pids[sel]) & set(pids[test]), "a held-out participant is in the few-shot training set"
             examples = [(r, a) for i, a in zip(sel, p.answers_for(y[sel])) for r in runs[pids[i]]]
-            fm, tok, info = adapt(checkpoint, examples, p, settings)
-            out[test] = p.to_prediction(score_participants(fm, Blocks(tok, fm.cfg.max_patches), p, runs, pids[test]),
-                                        classes)
-            del fm
+            model, info = adapt(checkpoint, examples, p, settings, verify=False)
+            out[test] = p.to_prediction(score_participants(model, p, runs, pids[test]), classes)
+            del model
             rows.append({"shots": shots_name(k), "fold": f, "participants": int(len(sel)), **info})
             log.info("few-shot K=%s fold %d/%d: %d participants, loss %.3f -> %.3f, %.0f s", shots_name(k), f + 1,
                      len(folds.splits), len(sel), info["first_loss"], info["last_loss"], info["seconds"])
@@ -422,20 +391,17 @@ def fmrilm_cv(checkpoint: str | os.PathLike, name: str, task_type: str, classes:
     return FMRILMResult(preds, rows, prompt)
 
 
-def final_adapter(checkpoint: str | os.PathLike, out_dir: Path, name: str, task_type: str, classes: list[str] | None,
-                  participants: Sequence[str], y: np.ndarray, runs: dict[str, list[TokenRun]], shots: int | None,
-                  settings: AdaptSettings) -> Path:
+def final_adapter(checkpoint: str | os.PathLike, meta: dict[str, Any], out_dir: Path, name: str, task_type: str,
+                  classes: list[str] | None, participants: Sequence[str], y: np.ndarray,
+                  runs: dict[str, list[PreparedRun]], shots: int | None, settings: AdaptSettings) -> Path:
     """Adapt on every labelled participant (``shots`` per class) and save the adapter."""
-    from ..model.checkpoint import read_meta
-
-    meta = read_meta(checkpoint, verify=False)
     tasks = [Task.from_dict(t) for t in meta.get("tasks", [])]
     pids = np.asarray(participants)
     p = label_prompt(name, task_type, classes or [], tasks, y)
     sel = select_shots(y, np.arange(len(pids)), shots, task_type, settings.seed)
     examples = [(r, a) for i, a in zip(sel, p.answers_for(y[sel])) for r in runs[pids[i]]]
-    fm, _, info = adapt(checkpoint, examples, p, settings)
-    path = save_adapter(out_dir, fm, p, {
+    model, info = adapt(checkpoint, examples, p, settings, verify=False)
+    path = save_adapter(out_dir, model.fm, p, {
         "ModelID": meta.get("id"), "Label": name, "Classes": classes, "Shots": shots_name(shots),
         "Participants": [f"sub-{x}" for x in pids[sel]],
         "Settings": {k: v for k, v in settings.__dict__.items() if k not in ("device",)}, "Training": info})

@@ -128,7 +128,7 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
         log.warning("%d labelled participants have no participant-level output and are left out", len(no_data))
     if labels.excluded:
         log.warning("%d participants have no %s label and are excluded", len(labels.excluded), cfg.label)
-    runs = _token_runs(cfg, pids)
+    runs, meta = _token_runs(cfg, pids)
     if runs is not None:
         no_tokens = [p for p in pids if p not in runs]
         if no_tokens:
@@ -163,9 +163,9 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
 
         shots = parse_shots(cfg.shots)
         settings = AdaptSettings(steps=cfg.adapt_steps, seed=cfg.seed, device=cfg.device, quantization=cfg.quantization)
-        fm_result = fmrilm_cv(cfg.model, cfg.label, labels.task_type, classes, pids, y, folds, runs, shots, settings)
+        fm_result = fmrilm_cv(cfg.model, meta, cfg.label, labels.task_type, classes, pids, y, folds, runs, shots, settings)
         preds.update(fm_result.predictions)
-        final_adapter(cfg.model, group / f"{stem}_adapter", cfg.label, labels.task_type, classes, pids, y, runs,
+        final_adapter(cfg.model, meta, group / f"{stem}_adapter", cfg.label, labels.task_type, classes, pids, y, runs,
                       shots[-1] if shots else None, settings)
     fold_of = np.empty(len(pids), int)
     for k, (_, test) in enumerate(folds.splits):
@@ -204,7 +204,7 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
         curve = learning_curve(mt, fm_result.adaptation)
         write_tsv(group / f"{stem}_learningcurve.tsv", curve, float_format="%.4f")
         result.update({
-            "Model": {"Path": str(cfg.model), "ID": _model_id(cfg.model)},
+            "Model": {"Path": str(cfg.model), "ID": meta.get("id")},
             "Prompt": fm_result.prompt.to_dict() if fm_result.prompt else "regression: quantile bins of each fold's targets",
             "Shots": cfg.shots, "AdaptationSteps": cfg.adapt_steps, "Adaptation": fm_result.adaptation,
             "Adapter": f"{stem}_adapter",
@@ -216,28 +216,24 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
     return result
 
 
-def _model_id(path) -> str:
-    from ..model.checkpoint import read_meta
-
-    return str(read_meta(path, verify=False).get("id"))
-
-
 def _token_runs(cfg: Config, pids: list[str]):
-    """Token runs per participant when an fMRI-LM checkpoint is in use (else None)."""
+    """Token runs per participant and the checkpoint's metadata (hashes checked once, here) when
+    an fMRI-LM checkpoint is in use, else ``(None, None)``."""
     if not cfg.model:
-        return None
+        return None, None
     from ..model.checkpoint import is_checkpoint, read_meta
     from .fewshot import read_token_runs
 
     if not is_checkpoint(cfg.model):
         log.warning("--model %s is not an fMRI-LM checkpoint: the fMRI-LM methods are skipped", cfg.model)
-        return None
-    runs = read_token_runs(cfg.output_dir, pids, cfg.model, read_meta(cfg.model))
+        return None, None
+    meta = read_meta(cfg.model)
+    runs = read_token_runs(cfg.output_dir, pids, cfg.model, meta)
     if not runs:
         log.warning("no fMRI-LM tokens in %s (participant level run with --model none?): the fMRI-LM methods are "
                     "skipped", cfg.output_dir)
-        return None
-    return runs
+        return None, None
+    return runs, meta
 
 
 def learning_curve(metrics_table: pd.DataFrame, adaptation: list[dict]) -> pd.DataFrame:

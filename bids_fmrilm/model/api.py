@@ -22,18 +22,20 @@ import numpy as np
 import torch
 
 from ..errors import DataError, UsageError
-from .fmrilm import FMRIBlock
+from .fmrilm import FMRIBlock, fmri_block
 from .tasks import Task
 
 
 @dataclass
 class PreparedRun:
-    """A tokenized run: ids (n_patches, R), run embedding, scaled series, ROI centroids."""
+    """A tokenized run: ids (n_patches, R), run embedding, ROI centroids (R, 3) and, when it was
+    tokenized here, the robust-scaled series (``None`` for tokens read back from the participant
+    level's outputs: forecasting needs the series)."""
 
     ids: np.ndarray
     run_emb: np.ndarray
-    scaled: np.ndarray
     coords: np.ndarray
+    scaled: np.ndarray | None = None
     source: str = ""
 
 
@@ -63,11 +65,13 @@ class FMRILMModel:
         self._roi_cache: dict[bytes, torch.Tensor] = {}
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str = "auto", quantization: str = "auto") -> "FMRILMModel":
-        """Load a checkpoint folder (format and hashes checked); ``auto`` = 4-bit on CUDA, fp32 on CPU."""
+    def load(cls, path: str | os.PathLike, device: str = "auto", quantization: str = "auto",
+             verify: bool = True) -> "FMRILMModel":
+        """Load a checkpoint folder (format and, unless ``verify=False``, file hashes checked);
+        ``auto`` = 4-bit on CUDA, fp32 on CPU."""
         from .checkpoint import load_checkpoint
 
-        return cls(*load_checkpoint(path, device=device, quantization=quantization))
+        return cls(*load_checkpoint(path, device=device, quantization=quantization, verify=verify))
 
     @property
     def id(self) -> str:
@@ -99,7 +103,7 @@ class FMRILMModel:
                 raise UsageError("a run is a *_timeseries.tsv[.gz] path, a PreparedRun or a (series, coords) pair") from None
         coords = np.asarray(coords, dtype=np.float32)
         res = self.tokenizer.tokenize(np.asarray(ts, dtype=float), coords, source=source or None)
-        return PreparedRun(res["ids"], res["embedding"], res["scaled"], coords, source)
+        return PreparedRun(res["ids"], res["embedding"], coords, res["scaled"], source)
 
     def _roi(self, coords: np.ndarray) -> torch.Tensor:
         key = np.ascontiguousarray(coords, dtype=np.float32).tobytes()
@@ -108,12 +112,14 @@ class FMRILMModel:
                 self._roi_cache[key] = self.tokenizer.model.roi_embed(torch.from_numpy(np.asarray(coords, np.float32))).detach()
         return self._roi_cache[key]
 
-    def block(self, run: PreparedRun, last: bool = False, drop_last: int = 0) -> FMRIBlock:
-        """The model input for a run: its first (or ``last``) ``max_patches`` patches."""
+    def block(self, run: PreparedRun, last: bool = False, drop_last: int = 0,
+              rng: np.random.Generator | None = None) -> FMRIBlock:
+        """The model input for a run: its first (or ``last``) ``max_patches`` patches, or a random
+        crop of them when ``rng`` is given (training)."""
         ids = run.ids[: len(run.ids) - drop_last] if drop_last else run.ids
-        ids = ids[-self.max_patches:] if last else ids[: self.max_patches]
-        return FMRIBlock(torch.as_tensor(ids, dtype=torch.long), self._roi(run.coords),
-                         torch.as_tensor(run.run_emb, dtype=torch.float32))
+        if last:
+            ids = ids[-self.max_patches:]
+        return fmri_block(ids, self._roi(run.coords), run.run_emb, self.max_patches, rng)
 
     # ----------------------------------------------------------------------------- outputs
     def embed(self, run: Any) -> np.ndarray:
@@ -156,6 +162,9 @@ class FMRILMModel:
 
         prepared = self.prepare(run)
         n = len(prepared.ids)
+        if prepared.scaled is None:
+            raise UsageError("forecasting needs the run's series, not only its tokens",
+                             fix="pass the *_timeseries.tsv.gz path or a (series, coords) pair")
         if n < 2:
             raise DataError(f"run has {n} patch(es); forecasting needs at least 2", path=prepared.source or None,
                             fix="forecast runs of at least two patches")

@@ -156,7 +156,7 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu", quantization: str = "none",
-                    trainable: bool = False, base_llm: str | None = None):
+                    trainable: bool = False, base_llm: str | None = None, verify: bool = True):
     """Load a checkpoint: (FMRILM, Tokenizer, tasks, meta).
 
     Parameters
@@ -167,6 +167,9 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         LoRA, projector and head trainable (continued training, group-level adaptation).
     base_llm : str, optional
         Override the base LLM reference (a local copy of the same weights); its hash must match.
+    verify : bool
+        Check the files against the hashes in ``fmrilm.json`` (``False`` when the caller already did,
+        e.g. the group level's repeated loads).
     """
     from safetensors.torch import load_file
 
@@ -176,7 +179,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     from .llm import base_llm_id_and_hash, load_base_llm
 
     path = Path(path)
-    meta = read_meta(path)
+    meta = read_meta(path, verify=verify)
     cfg = FMRILMConfig.from_dict(meta["config"])
     base = base_llm or meta["base_llm"]["id"]
     llm, text_tok = load_base_llm(base, device=device, quantization=quantization)

@@ -95,6 +95,27 @@ def test_heldout_evaluation_has_baselines(trained):
     assert m["descriptions"]["n_runs"] == 2
 
 
+def test_heldout_task_metrics_are_the_group_levels():
+    """Held-out evaluation and the group level score with one function (scikit-learn's values)."""
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+
+    from bids_fmrilm.training.evaluate_lm import _task_metrics
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 10)
+    p1 = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.3, 20), 0.01, 0.99)
+    m = _task_metrics(y, np.c_[1 - p1, p1])
+    assert m["auroc"] == pytest.approx(roc_auc_score(y, p1))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, p1 > 0.5))
+    y3 = np.array([0, 1, 2] * 6)
+    proba = rng.dirichlet(np.ones(3), 18)
+    m3 = _task_metrics(y3, proba)
+    assert "auroc" not in m3 and m3["auroc_ovr"] == pytest.approx(roc_auc_score(y3, proba, multi_class="ovr"))
+    assert m3["accuracy"] == pytest.approx(np.mean(proba.argmax(1) == y3))
+    assert "auroc_ovr" not in _task_metrics(np.array([0, 1] * 5), rng.dirichlet(np.ones(3), 10))  # an answer absent
+    assert np.isnan(_task_metrics(np.zeros(6, int), np.full((6, 2), 0.5))["auroc"])
+
+
 def test_api_predict_embed_describe_forecast(trained):
     from bids_fmrilm.model import FMRILMModel
 

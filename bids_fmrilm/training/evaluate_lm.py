@@ -22,25 +22,22 @@ import torch
 from ..model.tasks import Task
 
 
-def _auroc_bacc(y: np.ndarray, p_pos: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+def _task_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """The group level's metrics (:func:`~bids_fmrilm.levels.crossval.metrics`) of answer indices
+    ``y`` against answer probabilities, plus accuracy. For three or more answers the one-vs-rest
+    AUROC is stored as ``auroc_ovr`` (only when every answer occurs), so ``auroc`` always means a
+    two-answer task (the model card shows it, else balanced accuracy)."""
+    from ..levels.crossval import metrics
 
     if len(np.unique(y)) < 2:
         return {"auroc": float("nan"), "balanced_accuracy": float("nan")}
-    return {"auroc": float(roc_auc_score(y, p_pos)),
-            "balanced_accuracy": float(balanced_accuracy_score(y, (p_pos >= 0.5).astype(int)))}
-
-
-def _multiclass(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-
-    out = {"balanced_accuracy": float(balanced_accuracy_score(y, proba.argmax(1))),
-           "accuracy": float(np.mean(y == proba.argmax(1)))}
-    present = np.unique(y)
-    if len(present) == proba.shape[1] and len(present) > 2:
-        out["auroc_ovr"] = float(roc_auc_score(y, proba, multi_class="ovr"))
-    elif len(present) == 2 and proba.shape[1] == 2:
-        out["auroc"] = float(roc_auc_score(y, proba[:, 1]))
+    answers = [str(k) for k in range(proba.shape[1])]
+    out = metrics(np.asarray(y).astype(str), proba, answers)
+    if len(answers) > 2:
+        ovr = out.pop("auroc")
+        if np.isfinite(ovr):
+            out["auroc_ovr"] = ovr
+    out["accuracy"] = float(np.mean(y == proba.argmax(1)))
     return out
 
 
@@ -110,8 +107,7 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
         sel = [b for b, k in zip(blocks, keep) if k]
         proba = score_options(fm, sel, task)
         entry: dict[str, Any] = {"n": int(keep.sum()), "class_counts": {a: int((yt == k).sum()) for a, k in ai.items()}}
-        binary = len(task.answers) == 2
-        entry["fmrilm"] = _auroc_bacc(yt, proba[:, 1]) if binary else _multiclass(yt, proba)
+        entry["fmrilm"] = _task_metrics(yt, proba)
         majority = int(np.bincount(ytr, minlength=len(task.answers)).argmax())
         entry["majority_accuracy"] = float(np.mean(yt == majority))
         old = ((previous or {}).get("tasks") or {}).get(task.name) or {}
@@ -121,7 +117,7 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
             fp = fc_logistic(data.fc[train_idx[keep_tr]], ytr, data.fc[test_idx[keep]], seed=seed)
             if fp.shape[1] < len(task.answers):
                 fp = np.pad(fp, ((0, 0), (0, len(task.answers) - fp.shape[1])))
-            entry["fc_logistic"] = _auroc_bacc(yt, fp[:, 1]) if binary else _multiclass(yt, fp)
+            entry["fc_logistic"] = _task_metrics(yt, fp)
         res["tasks"][task.name] = entry
         log(f"{task.name}: fMRI-LM {entry['fmrilm']} | FC logistic {entry.get('fc_logistic')} | "
             f"majority acc {entry['majority_accuracy']:.3f}")

@@ -568,3 +568,43 @@ def test_group_level_on_abide_with_the_default_model(tmp_path):
     assert info["Prompt"]["Task"]["name"] == "diagnosis"  # the instruction-tuned question is reused
     pred = pd.read_csv(out / "group" / "label-diagnosis_predictions.tsv", sep="\t")
     assert len(pred) == 6 and np.isfinite(pred["fmrilm_fewshot_1_p_ASD"]).all()
+
+
+def test_compare_models_reports_differences_against_sampling_noise(tmp_path):
+    """`fmrilm compare-models`: the packaged model against itself agrees everywhere; a copy whose
+    diagnosis AUROC moved by 0.3 (beyond noise at n=137) and whose recall@1 moved by 0.01 (inside)
+    is told apart, and --check fails on it."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    from bids_fmrilm.model.compare import _se_auroc, compare_checkpoints, compare_models_command
+
+    pkg = Path(__file__).resolve().parents[1] / "bids_fmrilm" / "data" / "model"
+    t = compare_checkpoints(pkg, pkg)
+    assert len(t) > 20 and (t["difference"] == 0).all() and t["within_noise"].dropna().all()
+    other = tmp_path / "other"
+    (other / "tokenizer").mkdir(parents=True)
+    meta = json.loads((pkg / "fmrilm.json").read_text())
+    meta["metrics"]["instruct"]["tasks"]["diagnosis"]["fmrilm"]["auroc"] += 0.3
+    (other / "fmrilm.json").write_text(json.dumps(meta))
+    tok = json.loads((pkg / "tokenizer" / "tokenizer.json").read_text())
+    tok["metrics"]["heldout"]["recall_at_1"] += 0.01
+    (other / "tokenizer" / "tokenizer.json").write_text(json.dumps(tok))
+    t = compare_checkpoints(pkg, other).set_index(["stage", "figure"])
+    dx = t.loc[("instruct", "diagnosis AUROC")]
+    assert dx["difference"] == pytest.approx(0.3) and not dx["within_noise"]
+    counts = meta["metrics"]["instruct"]["tasks"]["diagnosis"]["class_counts"]  # autism 79, control 58
+    a = dx["a"]
+    assert dx["noise"] == pytest.approx(2 * np.sqrt(2) * _se_auroc(a, counts["control"], counts["autism"]))
+    assert 0.1 < dx["noise"] < 0.2
+    assert t.loc[("tokenizer", "fMRI→text recall@1 among 100"), "within_noise"]
+    assert t.loc[("tokenizer", "reconstruction R²"), "within_noise"] is None
+    assert int((t["within_noise"] == False).sum()) == 1  # noqa: E712
+    ok = CliRunner().invoke(compare_models_command, [str(pkg), str(pkg), "--check"])
+    assert ok.exit_code == 0 and "| instruct | diagnosis AUROC |" in ok.output
+    bad = CliRunner().invoke(compare_models_command, [str(pkg), str(other), "--check"])
+    assert bad.exit_code == 1 and "**no**" in bad.output
+    shutil.rmtree(other)

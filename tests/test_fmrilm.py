@@ -575,7 +575,6 @@ def test_compare_models_reports_differences_against_sampling_noise(tmp_path):
     diagnosis AUROC moved by 0.3 (beyond noise at n=137) and whose recall@1 moved by 0.01 (inside)
     is told apart, and --check fails on it."""
     import json
-    import shutil
     from pathlib import Path
 
     from click.testing import CliRunner
@@ -607,4 +606,3 @@ def test_compare_models_reports_differences_against_sampling_noise(tmp_path):
     assert ok.exit_code == 0 and "| instruct | diagnosis AUROC |" in ok.output
     bad = CliRunner().invoke(compare_models_command, [str(pkg), str(other), "--check"])
     assert bad.exit_code == 1 and "**no**" in bad.output
-    shutil.rmtree(other)

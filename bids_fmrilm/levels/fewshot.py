@@ -61,9 +61,8 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
     DataError
         When the tokens were written by another model.
     """
-    from ..tokenizer.data import roi_coordinates
-
     from ..model.checkpoint import tokenizer_id
+    from ..tokenizer.data import roi_coordinates
 
     wanted = {str(meta.get("id")), tokenizer_id(Path(checkpoint) / "tokenizer")}
     keep = set(participants)

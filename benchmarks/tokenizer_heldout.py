@@ -33,7 +33,7 @@ def main(ckpt: str, corpus: str, ts_dir: str) -> dict:
     preds, targets, ids_all, embs = [], [], [], []
     for r in runs:
         ids = tok.encode(r.ts, r.coords, source=r.path)
-        rec = tok.decode(ids, r.coords)
+        rec = tok.decode(ids, r.coords, tok.patch_lengths(len(r.ts)))
         tgt = r.ts[: rec.shape[0]]
         preds.append(rec.ravel())
         targets.append(tgt.ravel())

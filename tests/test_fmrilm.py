@@ -11,6 +11,7 @@ import torch
 
 from bids_fmrilm.errors import DataError, UsageError
 from bids_fmrilm.model.tasks import DIAGNOSIS, SEX, default_tasks, few_shot_segments
+from bids_fmrilm.signals.pipeline import read_roi_timeseries
 from simruns import _coords, _write_dataset
 
 WORDS = ("question what is the participant's sex options female male answer does have an autism spectrum diagnosis "
@@ -133,24 +134,27 @@ def test_api_predict_embed_describe_forecast(trained):
     text = m.describe(run, max_new_tokens=8)
     assert isinstance(text, str)
     fc = m.forecast(run)
-    P = m.tokenizer.patch_len
-    assert fc["predicted"].shape == (P, 200) and fc["observed"].shape == (P, 200)
+    last = int(m.tokenizer.patch_lengths(len(read_roi_timeseries(run)[0]))[-1])  # the last window may be partial
+    assert fc["predicted"].shape == (last, 200) and fc["observed"].shape == (last, 200)
     for k in ("mse", "mse_zero", "mse_persistence", "token_accuracy"):
         assert np.isfinite(fc[k])
     with pytest.raises(UsageError):
         m.predict(run, "no-such-task")
     # a (series, coords) pair gives the same answer as the path
-    from bids_fmrilm.signals.pipeline import read_roi_timeseries
-
     ts, _ = read_roi_timeseries(run)
     assert m.predict((ts, trained["coords"]), "sex") == pytest.approx(p)
     # tokens without their series (as the group level reads them) predict the same; forecasting needs the series
     from dataclasses import replace
 
-    tokens_only = replace(m.prepare(run), scaled=None)
-    assert m.predict(tokens_only, "sex") == pytest.approx(p)
+    # the series without its features predicts the same once re-encoded; tokens alone cannot feed a
+    # checkpoint that reads encoder features, nor forecast
+    no_series = replace(m.prepare(run), scaled=None)
+    assert m.predict(no_series, "sex") == pytest.approx(p)
     with pytest.raises(UsageError, match="forecasting needs the run's series"):
-        m.forecast(tokens_only)
+        m.forecast(no_series)
+    assert m.fm.cfg.fmri_input == "features"
+    with pytest.raises(UsageError, match="tokens only"):
+        m.predict(replace(m.prepare(run), feats=None), "sex")
 
 
 def test_reload_gives_identical_predictions_and_hashes_are_checked(trained, tmp_path):
@@ -252,7 +256,7 @@ def test_qlora_on_fresh_4bit_smollm2_learns():
     fm = FMRILM(llm, text_tok, cb, roi_dim=16, run_dim=16, cfg=cfg)
     g = torch.Generator().manual_seed(0)
     blocks = [FMRIBlock(torch.randint(0, 32, (4, 10), generator=g), torch.randn(10, 16, generator=g),
-                        torch.randn(16, generator=g)) for _ in range(2)]
+                        torch.randn(16, generator=g), torch.randn(4, 10, cb.shape[1], generator=g)) for _ in range(2)]
     examples = [instruction_segments(SEX, 0, "male"), instruction_segments(SEX, 1, "female")]
     params = [p for p in fm.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-3)
@@ -303,7 +307,7 @@ def test_participant_level_writes_model_outputs(trained, tmp_path):
 
     tok = pd.read_csv(next(out.glob("sub-01/func/*_desc-fmrilm_tokens.tsv.gz")), sep="\t")
     ts = pd.read_csv(next(out.glob("sub-01/func/*_timeseries.tsv.gz")), sep="\t")
-    assert list(tok.columns) == list(ts.columns) and len(tok) == len(ts) // 4
+    assert list(tok.columns) == list(ts.columns) and len(tok) == 2  # 39 volumes: two 16-volume windows, the 7 left are fewer than min_patch_len 8
     pred = pd.read_csv(next(out.glob("sub-01/func/*_predictions.tsv")), sep="\t")
     assert pred["task"].tolist()[:3] == ["sex", "age_group", "diagnosis"]
     row = pred.set_index("task").loc["sex"]
@@ -500,8 +504,10 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     coords = trained["coords"].astype(np.float32)
     m0 = FMRILMModel.load(model, device="cpu", quantization="none")
     tok, tasks = m0.tokenizer, list(m0.tasks.values())
+    c = tok.config.code_dim
     runs = [PreparedRun(rng.integers(0, tok.codebook_size, (6, len(coords))),
-                        rng.standard_normal(tok.config.embed_dim).astype(np.float32), coords) for _ in range(6)]
+                        rng.standard_normal(tok.config.embed_dim).astype(np.float32), coords,
+                        feats=rng.standard_normal((6, len(coords), c)).astype(np.float32)) for _ in range(6)]
     prompt = label_prompt("group", "classification", ["child", "adult"], tasks)  # words of the tiny vocabulary
     assert prompt.task.answers == ("child", "adult") and prompt.task.name == "label:group"
     assert label_prompt("diagnosis", "classification", ["ASD", "TD"], tasks).task.name == "diagnosis"
@@ -512,9 +518,12 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     p1 = score_options(m1.fm, [m1.block(r) for r in runs], prompt.task)[:, 1]
     # a training crop is max_patches long and inside the run; without rng, the first patches
     n = m1.max_patches
-    long = PreparedRun(np.arange(n + 3)[:, None].repeat(len(coords), 1), runs[0].run_emb, coords)
-    crops = {int(m1.block(long, rng=np.random.default_rng(s)).ids[0, 0]) for s in range(40)}
-    assert crops == {0, 1, 2, 3} and int(m1.block(long).ids[0, 0]) == 0 and len(m1.block(long).ids) == n
+    long = PreparedRun(np.arange(n + 3)[:, None].repeat(len(coords), 1), runs[0].run_emb, coords,
+                       feats=np.arange(n + 3, dtype=np.float32)[:, None, None].repeat(len(coords), 1).repeat(c, 2))
+    crops = [m1.block(long, rng=np.random.default_rng(s)) for s in range(40)]
+    assert {int(b.ids[0, 0]) for b in crops} == {0, 1, 2, 3} and int(m1.block(long).ids[0, 0]) == 0
+    assert all(torch.equal(b.feats[:, 0, 0].long(), b.ids[:, 0]) for b in crops)  # features cropped with the ids
+    assert len(m1.block(long).ids) == n and m1.block(long).feats.shape == (n, len(coords), c)
     assert p1.mean() > p0.mean() + 0.05
     # shots: K per class, nested, training fold only
     y = np.array(["A", "B"] * 10)

@@ -48,12 +48,19 @@ def test_encode_is_deterministic_and_in_range(trained):
     tok = Tokenizer.load(trained["out"])
     a = tok.encode(trained["run"], trained["coords"])
     b = tok.encode(trained["run"], trained["coords"])
-    P = tok.patch_len
-    assert a.shape == (40 // P, N_ROI)
+    P, m = tok.patch_len, tok.min_patch_len
+    assert (P, m) == (16, 8)  # 40 volumes: two full windows and a partial one of 8 volumes
+    assert a.shape == (3, N_ROI)
+    assert list(tok.patch_lengths(40)) == [16, 16, 8] and list(tok.patch_lengths(39)) == [16, 16]
     assert np.array_equal(a, b)
     assert a.min() >= 0 and a.max() < tok.codebook_size
-    rec = tok.decode(a, trained["coords"])
-    assert rec.shape == (40 // P * P, N_ROI) and np.isfinite(rec).all()
+    rec = tok.decode(a, trained["coords"], tok.patch_lengths(40))
+    assert rec.shape == (40, N_ROI) and np.isfinite(rec).all()
+    assert tok.reconstruct(trained["run"], trained["coords"]).shape == (40, N_ROI)
+    feats = tok.features(trained["run"], trained["coords"])
+    assert feats.shape == (3, N_ROI, tok.config.code_dim)
+    assert np.array_equal(tok.ids_of(feats), a)  # ids are the features' nearest codes
+    assert Tokenizer.run_representation(feats).shape == (N_ROI * tok.config.code_dim,)
     emb = tok.embed_run(trained["run"], trained["coords"])
     assert emb.shape == (tok.config.embed_dim,) and abs(np.linalg.norm(emb) - 1) < 1e-4
 
@@ -79,7 +86,7 @@ def test_other_atlas_without_retraining(trained, monkeypatch):
     tok = Tokenizer.load(trained["out"])
     run = scale_run(_simulate(np.random.default_rng(5), coords, n_vol=32))
     ids = tok.encode(run, coords)
-    assert ids.shape == (32 // tok.patch_len, 450)
+    assert ids.shape == (2, 450)
     assert ids.min() >= 0 and ids.max() < tok.codebook_size
     # unknown centroids use the learned "unknown" ROI embedding
     coords_nan = coords.copy()
@@ -89,11 +96,11 @@ def test_other_atlas_without_retraining(trained, monkeypatch):
 
 def test_short_run_raises_data_error(trained):
     tok = Tokenizer.load(trained["out"])
-    short = np.zeros((tok.patch_len - 1, N_ROI))
+    short = np.zeros((tok.min_patch_len - 1, N_ROI))
     with pytest.raises(DataError) as err:
         tok.encode(short, trained["coords"], source="sub-01_task-rest_timeseries.tsv.gz")
     msg = str(err.value)
-    assert "sub-01_task-rest_timeseries.tsv.gz" in msg and f"{tok.patch_len - 1} volumes" in msg and "Fix:" in msg
+    assert "sub-01_task-rest_timeseries.tsv.gz" in msg and f"{tok.min_patch_len - 1} volumes" in msg and "Fix:" in msg
 
 
 def test_dead_code_restart_revives_unused_codes():
@@ -174,3 +181,52 @@ def test_adversarial_alignment_reverses_gradients():
         torch.manual_seed(1)
         l1 = model.adversarial_loss(q + eps * q.grad / q.grad.norm(), torch.randn(100, 16))
     assert torch.isfinite(l0) and torch.isfinite(l1)
+
+
+def test_window_fc_matches_numpy_and_ignores_padding():
+    from bids_fmrilm.tokenizer.data import frame_mask, patchify
+    from bids_fmrilm.tokenizer.model import window_fc
+
+    rng = np.random.default_rng(0)
+    ts = rng.standard_normal((40, 6)).astype(np.float32)
+    ts[:, 5] = 0.0  # a region without signal
+    patches, lengths = patchify(ts, 16, min_len=8, return_lengths=True)
+    assert list(lengths) == [16, 16, 8] and np.all(patches[2, :, 8:] == 0)
+    fm = torch.from_numpy(frame_mask(lengths, 16))[None]
+    fc = window_fc(torch.from_numpy(patches)[None], fm)[0].numpy()
+    for j, (a, b) in enumerate(((0, 16), (16, 32), (32, 40))):
+        r = np.corrcoef(ts[a:b, :5].T)
+        expect = np.arctanh(np.clip(r, -0.99, 0.99))
+        np.fill_diagonal(expect, 0.0)
+        assert np.allclose(fc[j, :5, :5], expect, atol=1e-4)
+    assert np.all(fc[:, 5] == 0) and np.all(fc[:, :, 5] == 0)
+
+
+def test_connectivity_profile_does_not_depend_on_atlas_resolution():
+    """The profile is a mean over partners: splitting every region into two identical halves
+    (a finer atlas of the same signal) leaves each region's profile unchanged."""
+    from bids_fmrilm.tokenizer.model import fc_profile
+
+    rng = np.random.default_rng(1)
+    R, d = 8, 5
+    fc = torch.from_numpy(rng.standard_normal((1, 1, R, R)).astype(np.float32))
+    keys = torch.from_numpy(rng.standard_normal((R, d)).astype(np.float32))
+    fine = fc.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    p, p2 = fc_profile(fc, keys), fc_profile(fine, keys.repeat_interleave(2, dim=0))
+    assert torch.allclose(p2[:, :, ::2], p, atol=1e-5)
+
+
+def test_tokens_carry_connectivity(trained):
+    """Gate 1 and the FC reconstruction are measured and stored; the FC loss is trained."""
+    m = trained["metrics"]
+    assert np.isfinite(m["fc_recon_r2"])
+    log = [json.loads(x) for x in (trained["out"] / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in log if "step" in r]
+    assert all(np.isfinite(r["fc"]) for r in steps) and steps[-1]["fc"] < steps[0]["fc"]
+    probe = m["probe"]
+    assert set(probe) <= {"diagnosis", "sex"} and probe  # the tiny corpus has both classes on both sides
+    for g in probe.values():
+        assert 0 <= g["probe_auroc"] <= 1 and 0 <= g["fc_logistic_auroc"] <= 1
+        assert g["probe_beats_fc"] == (g["probe_auroc"] >= g["fc_logistic_auroc"])
+    meta = json.loads((trained["out"] / "tokenizer.json").read_text())
+    assert meta["format_version"] == 2 and meta["metrics"]["heldout"]["probe"] == probe

@@ -52,6 +52,9 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
                     meta: dict[str, Any]) -> dict[str, list[PreparedRun]]:
     """Token runs per participant label (without ``sub-``) from the participant level's outputs:
     ids, the tokenizer's run embedding (tokens sidecar) and ROI centroids (``atlas-<A>_dseg.tsv``).
+    A checkpoint that reads encoder features gets them by encoding the cleaned series the
+    participant level wrote beside the tokens (``*_atlas-<A>_timeseries.tsv.gz``), checked to give
+    the same token ids.
 
     Tokens must come from this checkpoint (or its tokenizer folder): tokens of another tokenizer
     index another codebook. Participants without tokens are absent from the result.
@@ -62,9 +65,15 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
         When the tokens were written by another model.
     """
     from ..model.checkpoint import tokenizer_id
+    from ..model.config import FMRILMConfig
     from ..tokenizer.data import roi_coordinates
 
     wanted = {str(meta.get("id")), tokenizer_id(Path(checkpoint) / "tokenizer")}
+    encoder = None
+    if FMRILMConfig.from_dict(meta.get("config") or {}).fmri_input == "features":
+        from ..tokenizer import Tokenizer
+
+        encoder = Tokenizer.load(Path(checkpoint) / "tokenizer")
     keep = set(participants)
     runs: dict[str, list[PreparedRun]] = {}
     foreign: dict[str, int] = {}
@@ -86,7 +95,9 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
         if key not in coords_cache:
             coords_cache[key] = roi_coordinates(Path(output_dir), key[0], list(df.columns)).astype(np.float32)
         emb = np.asarray(side["TokenizerRunEmbedding"], np.float32)
-        runs.setdefault(label, []).append(PreparedRun(df.to_numpy(np.int64), emb, coords_cache[key], source=str(tsv)))
+        ids = df.to_numpy(np.int64)
+        feats = None if encoder is None else _run_features(encoder, tsv, ids, coords_cache[key])
+        runs.setdefault(label, []).append(PreparedRun(ids, emb, coords_cache[key], source=str(tsv), feats=feats))
     if foreign and not runs:
         raise DataError(f"the participant level's tokens were written by model(s) {', '.join(foreign)}, not by "
                         f"{meta.get('id')}", path=output_dir,
@@ -95,6 +106,23 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
         log.warning("%d runs have tokens of another model (%s) and are left out", sum(foreign.values()),
                     ", ".join(foreign))
     return runs
+
+
+def _run_features(tokenizer, tokens_tsv: Path, ids: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """Encoder features of the series written beside a tokens file; they must give its ids."""
+    from ..signals.pipeline import read_roi_timeseries
+    from ..tokenizer.data import scale_run
+
+    series = tokens_tsv.with_name(tokens_tsv.name.replace("_desc-fmrilm_tokens.tsv.gz", "_timeseries.tsv.gz"))
+    if not series.is_file():
+        raise DataError("the tokens have no cleaned series beside them, and this model reads encoder features",
+                        path=series, fix="re-run the participant level (it writes the series with the tokens)")
+    ts, _ = read_roi_timeseries(series)
+    feats = tokenizer.features(scale_run(ts), coords, source=series)
+    if feats.shape[:2] != ids.shape or not np.array_equal(tokenizer.ids_of(feats), ids):
+        raise DataError("the series beside the tokens do not give the same token ids", path=series,
+                        fix="re-run the participant level with --force")
+    return feats
 
 
 # ------------------------------------------------------------------------------------ label -> task

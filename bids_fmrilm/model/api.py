@@ -29,14 +29,16 @@ from .tasks import Task
 @dataclass
 class PreparedRun:
     """A tokenized run: ids (n_patches, R), run embedding, ROI centroids (R, 3) and, when it was
-    tokenized here, the robust-scaled series (``None`` for tokens read back from the participant
-    level's outputs: forecasting needs the series)."""
+    tokenized here, the robust-scaled series and the encoder features (n_patches, R, c) (``None``
+    for tokens read back from the participant level's outputs: forecasting needs the series, and
+    a checkpoint that reads features needs them)."""
 
     ids: np.ndarray
     run_emb: np.ndarray
     coords: np.ndarray
     scaled: np.ndarray | None = None
     source: str = ""
+    feats: np.ndarray | None = None
 
 
 def _find_roi_table(path: Path) -> Path | None:
@@ -103,7 +105,7 @@ class FMRILMModel:
                 raise UsageError("a run is a *_timeseries.tsv[.gz] path, a PreparedRun or a (series, coords) pair") from None
         coords = np.asarray(coords, dtype=np.float32)
         res = self.tokenizer.tokenize(np.asarray(ts, dtype=float), coords, source=source or None)
-        return PreparedRun(res["ids"], res["embedding"], coords, res["scaled"], source)
+        return PreparedRun(res["ids"], res["embedding"], coords, res["scaled"], source, res["features"])
 
     def _roi(self, coords: np.ndarray) -> torch.Tensor:
         key = np.ascontiguousarray(coords, dtype=np.float32).tobytes()
@@ -116,10 +118,13 @@ class FMRILMModel:
               rng: np.random.Generator | None = None) -> FMRIBlock:
         """The model input for a run: its first (or ``last``) ``max_patches`` patches, or a random
         crop of them when ``rng`` is given (training)."""
-        ids = run.ids[: len(run.ids) - drop_last] if drop_last else run.ids
-        if last:
-            ids = ids[-self.max_patches:]
-        return fmri_block(ids, self._roi(run.coords), run.run_emb, self.max_patches, rng)
+        if self.fm.cfg.fmri_input == "features" and run.feats is None:
+            raise UsageError("this checkpoint reads the tokenizer's encoder features, and the run has tokens only",
+                             path=run.source or None, fix="pass the run's *_timeseries.tsv.gz or a (series, coords) pair")
+        n = len(run.ids) - drop_last
+        start = max(0, n - self.max_patches) if last else 0
+        feats = None if run.feats is None else run.feats[start:n]
+        return fmri_block(run.ids[start:n], self._roi(run.coords), run.run_emb, self.max_patches, rng, feats)
 
     # ----------------------------------------------------------------------------- outputs
     def embed(self, run: Any) -> np.ndarray:
@@ -153,7 +158,8 @@ class FMRILMModel:
     def forecast(self, run: Any) -> dict[str, Any]:
         """Hold back the last patch, predict its tokens from the ones before, decode, compare.
 
-        Returns ``predicted`` and ``observed`` (patch_len, R) robust-scaled signals, the predicted
+        Returns ``predicted`` and ``observed`` (patch length, R) robust-scaled signals (the last
+        patch may be partial: its real volumes), the predicted
         and observed token ids, ``mse``, ``correlation`` (over all values), ``token_accuracy`` and
         the error of two baselines: ``mse_zero`` (predict the median, 0) and ``mse_persistence``
         (repeat the previous patch).
@@ -174,9 +180,9 @@ class FMRILMModel:
         P = self.tokenizer.patch_len
         ctx = np.asarray(blk.ids.numpy())
         decoded = self.tokenizer.decode(np.concatenate([ctx, pred_ids[None]]), prepared.coords)
-        predicted = decoded[-P:]
         observed = prepared.scaled[(n - 1) * P: n * P]
-        previous = prepared.scaled[(n - 2) * P: (n - 1) * P]
+        predicted = decoded[-P:][: len(observed)]
+        previous = prepared.scaled[(n - 2) * P: (n - 1) * P][: len(observed)]
         true_ids = prepared.ids[-1]
         corr = float(np.corrcoef(predicted.ravel(), observed.ravel())[0, 1]) if observed.std() > 0 else float("nan")
         return {"predicted": predicted, "observed": observed, "predicted_ids": pred_ids, "observed_ids": true_ids,

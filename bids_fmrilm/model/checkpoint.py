@@ -29,7 +29,8 @@ from ..errors import DataError, MissingInputError
 from .config import FMRILMConfig
 from .tasks import Task
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the projector may read encoder features (config fmri_input) of a format-2 tokenizer
+READABLE_VERSIONS = (1, 2)  # 1: codebook vectors of 8-volume patch tokens
 META = "fmrilm.json"
 FILES = ("tokenizer/tokenizer.json", "tokenizer/tokenizer.safetensors", "projector.safetensors",
          "fmri_head.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
@@ -141,8 +142,9 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
         meta = json.loads((path / META).read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"unreadable {META}: {exc}", path=path / META, fix="re-download or retrain the checkpoint") from None
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise DataError(f"checkpoint format version {meta.get('format_version')} is not {FORMAT_VERSION}",
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise DataError(f"checkpoint format version {meta.get('format_version')} is not one of "
+                        f"{', '.join(map(str, READABLE_VERSIONS))}",
                         path=path / META, fix="use a checkpoint written by this version of bids_fmrilm")
     if verify:
         for f, h in meta.get("files", {}).items():

@@ -5,6 +5,9 @@ Presets:
 - ``tiny``: a few steps in seconds, for tests (any small causal LM);
 - ``cpu``: stages 2 and 3 on ABIDE with SmolLM2-135M on a 2-core CPU in under 2 hours;
 - ``paper``: GPU sizes (more fMRI slots per patch, longer texts, larger LoRA rank).
+
+Checkpoints written before ``fmri_input`` existed read codebook vectors (its default, ``codes``);
+the presets read the tokenizer's continuous encoder features (``features``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from ..config import choose_preset, dataclass_from_dict
 class FMRILMConfig:
     name: str = "cpu"
     # --- fMRI input to the LLM
+    fmri_input: str = "codes"  # "features": the tokenizer's continuous encoder features; "codes": codebook vectors
     slots_per_patch: int = 1  # LLM positions per time patch (attention pooling over ROIs)
     max_patches: int = 12  # longer runs: the last max_patches patches (forecast) or a crop (training)
     proj_dim: int = 128  # projector width before the LLM hidden size
@@ -67,12 +71,13 @@ class FMRILMConfig:
 
 
 CONFIGS: dict[str, FMRILMConfig] = {
-    "tiny": FMRILMConfig(name="tiny", slots_per_patch=1, max_patches=6, proj_dim=16, head_dim=16, lora_r=4,
+    "tiny": FMRILMConfig(name="tiny", fmri_input="features", slots_per_patch=2, max_patches=3, proj_dim=16, head_dim=16, lora_r=4,
                          lora_alpha=8, lora_dropout=0.0, max_text_tokens=24, batch_size=4, lr=3e-3, lr_new=3e-3,
                          warmup_steps=1, pretrain_steps=6, instruct_steps=6, log_every=2, checkpoint_every=3,
                          descriptor_questions=("fc_within.mean", "graph.modularity")),
-    "cpu": FMRILMConfig(),
-    "paper": FMRILMConfig(name="paper", slots_per_patch=8, max_patches=32, proj_dim=512, head_dim=512, lora_r=64,
+    # 32 learned queries per 160-volume window read the region features; runs up to 3 windows
+    "cpu": FMRILMConfig(fmri_input="features", slots_per_patch=32, max_patches=3),
+    "paper": FMRILMConfig(name="paper", fmri_input="features", slots_per_patch=64, max_patches=4, proj_dim=512, head_dim=512, lora_r=64,
                           lora_alpha=128, max_text_tokens=384, batch_size=32, lr=2e-4, lr_new=5e-4,
                           warmup_steps=500, pretrain_steps=20_000, instruct_steps=10_000, log_every=50,
                           checkpoint_every=1000, gradient_checkpointing=True),

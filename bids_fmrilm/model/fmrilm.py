@@ -3,7 +3,8 @@
 Shapes: ``n`` time patches, ``R`` ROIs, ``c`` code width, ``K`` codebook size, ``M`` slots per
 patch, ``H`` LLM hidden size, ``L`` sequence length.
 
-    token ids (n,R) --codebook--> code vectors (n,R,c) + ROI embeddings (R,d) (frozen tokenizer)
+    encoder features (n,R,c) (``fmri_input="features"``; or the codebook vectors of the token
+    ids, ``"codes"``) + ROI embeddings (R,d) (frozen tokenizer)
         --Projector: M learned queries attend over ROIs--> (n*M, H) patch slots
     run embedding (tokenizer, language-aligned) --Projector.summary--> (1, H)
     sequence:  text ... <fmri> slot_1 ... slot_nM summary </fmri> text ...
@@ -21,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -31,20 +33,24 @@ from .tasks import TEXT
 
 @dataclass
 class FMRIBlock:
-    """One run's fMRI input: token ids (n,R), ROI embeddings (R,d), run embedding (e,)."""
+    """One run's fMRI input: token ids (n,R), ROI embeddings (R,d), run embedding (e,) and the
+    tokenizer's continuous encoder features (n,R,c) when the checkpoint reads them."""
 
     ids: torch.Tensor
     roi: torch.Tensor
     run_emb: torch.Tensor
+    feats: torch.Tensor | None = None
 
 
-def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None) -> FMRIBlock:
+def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None, feats=None) -> FMRIBlock:
     """A run as model input: a random crop of ``max_patches`` patches (``rng`` given, training)
-    or its first ``max_patches`` patches."""
+    or its first ``max_patches`` patches (``feats``, when given, cropped alike)."""
     if len(ids) > max_patches:
         s = int(rng.integers(0, len(ids) - max_patches + 1)) if rng is not None else 0
         ids = ids[s:s + max_patches]
-    return FMRIBlock(torch.as_tensor(ids, dtype=torch.long), roi, torch.as_tensor(run_emb, dtype=torch.float32))
+        feats = None if feats is None else feats[s:s + max_patches]
+    return FMRIBlock(torch.as_tensor(ids, dtype=torch.long), roi, torch.as_tensor(run_emb, dtype=torch.float32),
+                     None if feats is None else torch.as_tensor(np.asarray(feats, dtype=np.float32)))
 
 
 class Projector(nn.Module):
@@ -118,6 +124,15 @@ class FMRILM(nn.Module):
         m = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         return m.model, m.lm_head
 
+    def fmri_input(self, blk: FMRIBlock) -> torch.Tensor:
+        """What the projector reads of a block, (n,R,c): encoder features or codebook vectors."""
+        dev = self.codebook.device
+        if self.cfg.fmri_input == "features":
+            if blk.feats is None:
+                raise ValueError("this fMRI-LM reads encoder features; the block has token ids only")
+            return blk.feats.to(dev)
+        return self.codebook[blk.ids.to(dev)]
+
     def _encode_text(self, text: str) -> list[int]:
         return self.text_tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -147,7 +162,7 @@ class FMRILM(nn.Module):
                     pos += len(ids)
                 else:
                     blk = blocks[seg[1]]
-                    v = self.projector(self.codebook[blk.ids.to(dev)], blk.roi.to(dev), blk.run_emb.to(dev))
+                    v = self.projector(self.fmri_input(blk), blk.roi.to(dev), blk.run_emb.to(dev))
                     v = v.to(pieces[0].dtype if pieces else wemb.weight.dtype)
                     n = blk.ids.shape[0]
                     fmri.append((b, seg[1], pos + 1, n))

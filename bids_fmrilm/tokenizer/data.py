@@ -43,36 +43,65 @@ def scale_run(ts: np.ndarray, return_log_scale: bool = False):
     return scaled, np.log(np.asarray(stats["iqr"], dtype=np.float64)).astype(np.float32)
 
 
-def patchify(ts: np.ndarray, patch_len: int, source: str | os.PathLike | None = None) -> np.ndarray:
-    """Cut a (T,R) run into (T // patch_len, R, patch_len) non-overlapping patches.
+def patch_lengths(n_volumes: int, patch_len: int, min_len: int | None = None) -> np.ndarray:
+    """Valid volumes of each patch of a run of ``n_volumes``: full patches of ``patch_len``, then
+    the trailing partial patch when it has at least ``min_len`` volumes (default ``patch_len``:
+    trailing volumes are dropped), so a long-window tokenizer uses the whole run."""
+    min_len = patch_len if min_len is None else max(1, min(int(min_len), patch_len))
+    n_full, rest = divmod(int(n_volumes), patch_len)
+    lengths = [patch_len] * n_full
+    if rest >= min_len:
+        lengths.append(rest)
+    return np.asarray(lengths, dtype=np.int64)
 
-    Trailing volumes that do not fill a patch are dropped. Non-finite values become 0.
+
+def patchify(ts: np.ndarray, patch_len: int, source: str | os.PathLike | None = None,
+             min_len: int | None = None, return_lengths: bool = False):
+    """Cut a (T,R) run into (n, R, patch_len) non-overlapping patches.
+
+    Trailing volumes that do not fill a patch are dropped, unless there are at least ``min_len``
+    of them: that patch is kept, zero-padded, and ``return_lengths`` gives each patch's number
+    of valid volumes (n,). Non-finite values become 0.
 
     Raises
     ------
     DataError
-        When the run is not 2-D or is shorter than one patch.
+        When the run is not 2-D or is shorter than one patch (``min_len`` volumes).
     """
     ts = np.asarray(ts, dtype=np.float32)
     if ts.ndim != 2 or ts.shape[1] == 0:
         raise DataError(f"expected a 2-D (volumes x ROIs) time series, got shape {ts.shape}", path=source,
                         fix="pass one run as an array with one column per ROI")
     T, R = ts.shape
-    if T < patch_len:
+    lengths = patch_lengths(T, patch_len, min_len)
+    if len(lengths) == 0:
+        need = patch_len if min_len is None else min(int(min_len), patch_len)
         raise DataError(
-            f"run has {T} volumes, fewer than one tokenizer patch of {patch_len} volumes", path=source,
-            fix=f"tokenize runs of at least {patch_len} volumes at the model TR (exclude this run, "
+            f"run has {T} volumes, fewer than one tokenizer patch of {need} volumes", path=source,
+            fix=f"tokenize runs of at least {need} volumes at the model TR (exclude this run, "
                 "or use a checkpoint with a shorter patch length)",
         )
-    n = T // patch_len
-    x = np.nan_to_num(ts[: n * patch_len], nan=0.0, posinf=0.0, neginf=0.0)
-    return np.ascontiguousarray(x.reshape(n, patch_len, R).transpose(0, 2, 1))
+    n = len(lengths)
+    x = np.zeros((n * patch_len, R), dtype=np.float32)
+    used = int(lengths.sum())
+    # a partial last patch is zero-padded
+    x[:used] = np.nan_to_num(ts[:used], nan=0.0, posinf=0.0, neginf=0.0)
+    patches = np.ascontiguousarray(x.reshape(n, patch_len, R).transpose(0, 2, 1))
+    return (patches, lengths) if return_lengths else patches
 
 
-def unpatchify(patches: np.ndarray) -> np.ndarray:
-    """(n, R, P) patches -> (n * P, R) series."""
+def frame_mask(lengths: np.ndarray, patch_len: int) -> np.ndarray:
+    """(n, patch_len) bool: True where a patch's volume is real (see :func:`patch_lengths`)."""
+    return np.arange(patch_len)[None, :] < np.asarray(lengths)[:, None]
+
+
+def unpatchify(patches: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    """(n, R, P) patches -> (sum of lengths, R) series (all n * P volumes without ``lengths``)."""
     n, R, P = patches.shape
-    return patches.transpose(0, 2, 1).reshape(n * P, R)
+    series = patches.transpose(0, 2, 1).reshape(n * P, R)
+    if lengths is None:
+        return series
+    return series[frame_mask(lengths, P).reshape(-1)]
 
 
 @dataclass

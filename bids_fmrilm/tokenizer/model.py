@@ -13,6 +13,12 @@ Attention is axial (nanoGPT-style blocks applied along one axis at a time): over
 time patch, then over time patches within an ROI. Each token is one (patch, ROI), so a token has
 the bits of a k-means code of that patch, but the decoder reads all tokens of the run and the
 encoder writes each code knowing its context.
+
+With ``fc_input`` a patch is a long window (minutes) and each region also enters with its
+connectivity profile: its row of the window's Fisher-z correlation matrix, as a weighted sum of
+the partner regions' coordinate embeddings (so any atlas with centroids works). With
+``fc_weight`` the decoder reconstructs that matrix too (a symmetric bilinear form of the decoded
+region features), so the codes must carry each region's coupling, not only its signal.
 """
 
 from __future__ import annotations
@@ -130,10 +136,63 @@ def _identity_like(linear: nn.Linear) -> None:
         linear.weight.copy_(w)
 
 
+def window_fc(patches: torch.Tensor, frame_mask: torch.Tensor | None = None, clip: float = 0.99) -> torch.Tensor:
+    """Fisher-z correlation matrix of every patch: (B,T,R,P) -> (B,T,R,R), diagonal 0.
+
+    ``frame_mask`` (B,T,P) marks real volumes (padding is ignored). Regions without variance in
+    a patch get zero connectivity.
+    """
+    m = torch.ones(patches.shape[:2] + patches.shape[-1:], device=patches.device) if frame_mask is None \
+        else frame_mask.float()
+    m = m[:, :, None, :]
+    n = m.sum(-1, keepdim=True).clamp(min=2)
+    xc = (patches - (patches * m).sum(-1, keepdim=True) / n) * m
+    cov = xc @ xc.transpose(-1, -2) / n
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    alive = var > 1e-6
+    sd = var.clamp(min=1e-6).sqrt()
+    r = (cov / (sd[..., :, None] * sd[..., None, :])).clamp(-clip, clip)
+    keep = alive[..., :, None] & alive[..., None, :]
+    keep = keep & ~torch.eye(r.shape[-1], dtype=torch.bool, device=r.device)
+    return torch.where(keep, torch.atanh(r), torch.zeros_like(r))
+
+
+def fixed_key_dim(cfg: TokenizerConfig) -> int:
+    return 6 * cfg.fc_fixed_bands
+
+
+def fixed_partner_keys(coords: torch.Tensor, cfg: TokenizerConfig) -> torch.Tensor:
+    """Fixed Fourier features of the regions' centroids (R, 6 * fc_fixed_bands), standardised over
+    the atlas's regions (unknown centroids: 0). Partner keys that training cannot wash out: the
+    connectivity profile on them is a fixed linear map of the FC row, which keeps what a linear
+    model on FC finds (the held-out diagnosis signal)."""
+    n = cfg.fc_fixed_bands
+    if n == 0:
+        return coords.new_zeros(coords.shape[0], 0)
+    wl = torch.logspace(math.log10(cfg.fourier_min_wavelength_mm), math.log10(cfg.fourier_max_wavelength_mm), n,
+                        device=coords.device)
+    known = torch.isfinite(coords).all(-1, keepdim=True)
+    ang = torch.nan_to_num(coords, nan=0.0, posinf=0.0, neginf=0.0)[..., None] * (2 * math.pi / wl)
+    f = torch.cat([ang.sin(), ang.cos()], dim=-1).flatten(-2)
+    f = torch.where(known, f, torch.zeros_like(f))
+    k = known.float()
+    mu = (f * k).sum(0) / k.sum().clamp(min=1)
+    sd = (((f - mu) * k) ** 2).sum(0).div(k.sum().clamp(min=1)).sqrt().clamp(min=1e-6)
+    return (f - mu) / sd * k
+
+
+def fc_profile(fc: torch.Tensor, partner_keys: torch.Tensor) -> torch.Tensor:
+    """Connectivity profile of each region, (B,T,R,R) x (R,d) -> (B,T,R,d): the mean over partner
+    regions of Fisher z times the partner's coordinate key, rescaled so that a 200-region atlas
+    gives unit-order values. A mean, not a sum, so the profile does not grow with the atlas."""
+    return 16.0 * fc @ partner_keys / fc.shape[-1]
+
+
 class Encoder(nn.Module):
     """Patch -> code vector. A linear skip (initialised as an isometric embedding of the patch)
     plus a transformer branch that sees the run's context: at initialisation the tokenizer is
-    k-means of the raw patches; training adds what context buys."""
+    k-means of the raw patches; training adds what context buys. With ``fc_input``, each region's
+    connectivity profile enters the transformer and, through a linear skip of its own, the code."""
 
     def __init__(self, cfg: TokenizerConfig):
         super().__init__()
@@ -142,13 +201,23 @@ class Encoder(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.to_code = nn.Linear(cfg.d_model, cfg.code_dim)
         self.skip = nn.Linear(cfg.patch_len, cfg.code_dim, bias=False)
+        if cfg.fc_input:
+            n_key = cfg.d_model + fixed_key_dim(cfg)
+            self.fc_key = nn.Linear(cfg.d_model, cfg.d_model)  # learned partner keys from coordinate embeddings
+            self.fc_in = nn.Linear(n_key, cfg.d_model)
+            self.fc_skip = nn.Linear(n_key, cfg.code_dim, bias=False)
 
-    def forward(self, patches, roi_emb, time_mask=None, offset: int = 0):
+    def forward(self, patches, roi_emb, time_mask=None, offset: int = 0, fc=None, fixed_keys=None):
         B, T, R, P = patches.shape
         x = self.patch_in(patches) + roi_emb[None, None] + time_embedding(T, roi_emb.shape[-1], patches.device, offset)[None, :, None]
+        skip = self.skip(patches)
+        if fc is not None:
+            prof = fc_profile(fc, torch.cat([fixed_keys, self.fc_key(roi_emb)], dim=-1))
+            x = x + self.fc_in(prof)
+            skip = skip + self.fc_skip(prof)
         for blk in self.blocks:
             x = blk(x, time_mask)
-        return self.skip(patches) + self.to_code(self.ln_f(x))
+        return skip + self.to_code(self.ln_f(x))
 
 
 class Decoder(nn.Module):
@@ -162,6 +231,8 @@ class Decoder(nn.Module):
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.patch_len)
         self.skip = nn.Linear(cfg.code_dim, cfg.patch_len, bias=False)
+        if cfg.fc_weight > 0:
+            self.fc_head = nn.Linear(cfg.d_model, 2 * cfg.fc_rank)
 
     def forward(self, q, roi_emb, time_mask=None, offset: int = 0):
         B, T, R, _ = q.shape
@@ -170,6 +241,13 @@ class Decoder(nn.Module):
             x = blk(x, time_mask)
         h = self.ln_f(x)
         return self.skip(q) + self.head(h), h
+
+    def connectivity(self, h: torch.Tensor) -> torch.Tensor:
+        """Reconstructed Fisher-z FC of each patch, (B,T,R,d) -> (B,T,R,R): a symmetric bilinear
+        form of the decoded region features."""
+        a, b = self.fc_head(h).chunk(2, dim=-1)
+        ab = a @ b.transpose(-1, -2)
+        return (ab + ab.transpose(-1, -2)) / (2 * math.sqrt(a.shape[-1]))
 
 
 # ------------------------------------------------------------------------------- quantizer
@@ -383,12 +461,20 @@ class TokenizerModel(nn.Module):
             self.discriminator = nn.Sequential(nn.Linear(self.llm_dim, 256), nn.GELU(), nn.Linear(256, 1))
         self.apply(self._init)
         # Start as "k-means of the raw patches": isometric skips, context branches silent.
-        _identity_like(self.encoder.skip)
+        if cfg.fc_input:
+            # codes start as the profile on the fixed keys (a linear map of FC); the signal enters
+            # through the transformer (a window's first samples are no summary of it)
+            nn.init.zeros_(self.encoder.skip.weight)
+            _identity_like(self.encoder.fc_skip)
+        else:
+            _identity_like(self.encoder.skip)
         _identity_like(self.decoder.skip)
         nn.init.zeros_(self.encoder.to_code.weight)
         nn.init.zeros_(self.decoder.head.weight)
-        if cfg.freeze_encoder_skip:
+        if cfg.freeze_encoder_skip:  # keep the code space anchored to the patch (or profile) space
             self.encoder.skip.weight.requires_grad_(False)
+            if cfg.fc_input:
+                self.encoder.fc_skip.weight.requires_grad_(False)
 
     @staticmethod
     def _init(m):
@@ -398,10 +484,21 @@ class TokenizerModel(nn.Module):
                 nn.init.zeros_(m.bias)
 
     # -- pieces
-    def encode(self, patches, coords, time_mask=None, offset: int = 0):
-        """(B,T,R,P), (R,3) -> z (B,T,R,c), ROI embedding (R,d)."""
+    def patch_fc(self, patches, frame_mask=None):
+        """Fisher-z FC of each patch (B,T,R,R) when the model reads or reconstructs it, else None."""
+        if not (self.cfg.fc_input or self.cfg.fc_weight > 0):
+            return None
+        return window_fc(patches, frame_mask)
+
+    def encode(self, patches, coords, time_mask=None, offset: int = 0, frame_mask=None, fc=None):
+        """(B,T,R,P), (R,3) -> z (B,T,R,c), ROI embedding (R,d). ``frame_mask`` (B,T,P) marks the
+        real volumes of partial patches; ``fc`` is :meth:`patch_fc` when already computed."""
         roi = self.roi_embed(coords)
-        return self.encoder(patches, roi, time_mask, offset), roi
+        if not self.cfg.fc_input:
+            return self.encoder(patches, roi, time_mask, offset), roi
+        if fc is None:
+            fc = window_fc(patches, frame_mask)
+        return self.encoder(patches, roi, time_mask, offset, fc, fixed_partner_keys(coords, self.cfg)), roi
 
     def decode_codes(self, q, coords=None, roi=None, time_mask=None):
         roi = self.roi_embed(coords) if roi is None else roi
@@ -411,16 +508,23 @@ class TokenizerModel(nn.Module):
         return F.normalize(self.text_proj(text_emb - self.text_mean), dim=-1)
 
     def forward(self, patches, coords, time_mask=None, with_embedding=False, text_emb=None, offset: int = 0,
-                log_scale=None):
+                log_scale=None, frame_mask=None):
         """Encode, quantize, decode; optionally the pooled run embedding and projected texts.
 
-        Everything trainable runs inside ``forward`` so that DDP/FSDP wrappers see it.
+        Everything trainable runs inside ``forward`` so that DDP/FSDP wrappers see it. With
+        ``fc_weight`` the output also holds the patches' FC (``fc``) and its reconstruction
+        (``fc_recon``).
         """
-        z, roi = self.encode(patches, coords, time_mask, offset)
+        if frame_mask is not None and time_mask is None:
+            time_mask = frame_mask.any(-1)
+        fc = self.patch_fc(patches, frame_mask)
+        z, roi = self.encode(patches, coords, time_mask, offset, frame_mask, fc)
         valid = None if time_mask is None else time_mask[:, :, None].expand(z.shape[:3])
         q, ids, commit = self.quantizer(z, valid)
         recon, hidden = self.decoder(q, roi, time_mask, offset)
         out = {"z": z, "q": q, "ids": ids, "commit": commit, "recon": recon, "hidden": hidden, "roi": roi}
+        if self.cfg.fc_weight > 0:
+            out["fc"], out["fc_recon"] = fc, self.decoder.connectivity(hidden)
         if with_embedding:
             out["run_emb"] = self.pooler(recon, hidden, roi, time_mask, log_scale)
         if text_emb is not None:
@@ -448,6 +552,35 @@ class TokenizerModel(nn.Module):
 
 
 def spectral_loss(recon: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """MSE between |rFFT| amplitude spectra along the patch (last) axis."""
-    d = (torch.fft.rfft(recon, dim=-1).abs() - torch.fft.rfft(target, dim=-1).abs()).pow(2).mean(-1)
+    """MSE between |rFFT| amplitude spectra along the patch (last) axis (orthonormal FFT, so the
+    loss does not grow with the patch length)."""
+    d = (torch.fft.rfft(recon, dim=-1, norm="ortho").abs()
+         - torch.fft.rfft(target, dim=-1, norm="ortho").abs()).pow(2).mean(-1)
     return d.mean() if mask is None else (d * mask).sum() / mask.sum().clamp(min=1)
+
+
+def fc_loss(out: dict, time_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between the reconstructed and the real Fisher-z FC of each real patch (off-diagonal)."""
+    fc, rec = out["fc"], out["fc_recon"]
+    R = fc.shape[-1]
+    off = ~torch.eye(R, dtype=torch.bool, device=fc.device)
+    d = ((rec - fc) ** 2 * off).sum((-1, -2)) / (R * (R - 1))  # (B,T)
+    if time_mask is None:
+        return d.mean()
+    m = time_mask.float()
+    return (d * m).sum() / m.sum().clamp(min=1)
+
+
+def reconstruction_losses(out: dict, patches: torch.Tensor, frame_mask: torch.Tensor, cfg: TokenizerConfig) -> dict:
+    """Signal MSE and amplitude-spectrum loss over real volumes, and the FC loss (``fc_weight``).
+
+    ``frame_mask`` (B,T,P) marks real volumes; the spectrum is compared on full patches only
+    (a zero-padded patch has another spectrum)."""
+    fm = frame_mask[:, :, None, :].float()  # (B,T,1,P)
+    fm = fm.expand(patches.shape)
+    mse = (((out["recon"] - patches) ** 2) * fm).sum() / fm.sum().clamp(min=1)
+    full = frame_mask.all(-1)[:, :, None].expand(patches.shape[:3]).float()
+    parts = {"mse": mse, "spectral": spectral_loss(out["recon"], patches, full)}
+    if "fc" in out:
+        parts["fc"] = fc_loss(out, frame_mask.any(-1))
+    return parts

@@ -16,10 +16,11 @@ import torch
 
 from ..errors import DataError, MissingInputError
 from .config import TokenizerConfig, get_config
-from .data import SCALING, patchify, scale_run, unpatchify
+from .data import SCALING, frame_mask, patchify, scale_run, unpatchify
 from .model import TokenizerModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: long windows with connectivity input (config fields fc_input, fc_weight, min_patch_len)
+READABLE_VERSIONS = (1, 2)  # 1: the 8-volume patch design, read with those fields at their defaults
 WEIGHTS = "tokenizer.safetensors"
 META = "tokenizer.json"
 
@@ -55,30 +56,61 @@ class Tokenizer:
     def codebook_size(self) -> int:
         return self.config.codebook_size
 
+    @property
+    def min_patch_len(self) -> int:
+        """Fewest volumes of a kept trailing partial patch (``patch_len`` when partial patches are dropped)."""
+        return self.config.min_patch_len or self.patch_len
+
+    def patch_lengths(self, n_volumes: int) -> np.ndarray:
+        """Valid volumes of each patch of a run of ``n_volumes`` (see :func:`~.data.patch_lengths`)."""
+        from .data import patch_lengths
+
+        return patch_lengths(n_volumes, self.patch_len, self.min_patch_len)
+
     def _inputs(self, ts, coords, source=None):
-        patches = patchify(ts, self.patch_len, source)  # (n,R,P)
+        patches, lengths = patchify(ts, self.patch_len, source, self.min_patch_len, return_lengths=True)  # (n,R,P)
         coords = np.asarray(coords, dtype=np.float32).reshape(-1, 3)
         if coords.shape[0] != patches.shape[1]:
             raise DataError(f"{patches.shape[1]} ROI columns but {coords.shape[0]} ROI coordinates", path=source,
                             fix="pass one (x, y, z) MNI centroid per ROI column (NaN when unknown)")
         dev = next(self.model.parameters()).device
-        return torch.from_numpy(patches)[None].to(dev), torch.from_numpy(coords).to(dev)
+        fm = torch.from_numpy(frame_mask(lengths, self.patch_len))[None].to(dev)
+        return torch.from_numpy(patches)[None].to(dev), torch.from_numpy(coords).to(dev), fm
 
     @torch.no_grad()
+    def features(self, ts: np.ndarray, coords: np.ndarray, source: str | os.PathLike | None = None) -> np.ndarray:
+        """Continuous encoder features (n_patches, R, code_dim) of a robust-scaled run ``ts`` (T,R):
+        what the fMRI-LM reads (the token ids are their nearest codebook entries). Deterministic."""
+        self.model.eval()
+        x, c, fm = self._inputs(ts, coords, source)
+        z, _ = self.model.encode(x, c, frame_mask=fm)
+        return z[0].cpu().numpy().astype(np.float32)
+
+    def ids_of(self, features: np.ndarray) -> np.ndarray:
+        """Token ids (..., ) of encoder features (..., code_dim): their nearest codebook entries."""
+        z = torch.as_tensor(np.asarray(features, dtype=np.float32))
+        with torch.no_grad():
+            ids = self.model.quantizer.nearest(z.reshape(-1, z.shape[-1]).to(self.model.quantizer.embed.device))
+        return ids.view(z.shape[:-1]).cpu().numpy().astype(np.int64)
+
     def encode(self, ts: np.ndarray, coords: np.ndarray, source: str | os.PathLike | None = None) -> np.ndarray:
         """Token ids (n_patches, R) of a robust-scaled run ``ts`` (T,R) with ROI centroids (R,3).
 
-        Deterministic (eval mode). Trailing volumes that do not fill a patch are ignored.
+        Deterministic (eval mode). Trailing volumes that do not fill a patch are ignored, unless
+        there are at least ``min_patch_len`` of them (then they form a last, partial patch).
         """
-        self.model.eval()
-        x, c = self._inputs(ts, coords, source)
-        z, _ = self.model.encode(x, c)
-        ids = self.model.quantizer.nearest(z.reshape(-1, z.shape[-1])).view(z.shape[:-1])
-        return ids[0].cpu().numpy().astype(np.int64)
+        return self.ids_of(self.features(ts, coords, source))
+
+    @staticmethod
+    def run_representation(features: np.ndarray) -> np.ndarray:
+        """A run's representation for linear probes: its encoder features averaged over patches,
+        flattened region by region, (R * code_dim,)."""
+        return np.asarray(features, dtype=np.float32).mean(0).reshape(-1)
 
     @torch.no_grad()
-    def decode(self, ids: np.ndarray, coords: np.ndarray) -> np.ndarray:
-        """Reconstructed robust-scaled series (n_patches * patch_len, R) of token ids (n_patches, R)."""
+    def decode(self, ids: np.ndarray, coords: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """Reconstructed robust-scaled series of token ids (n_patches, R): (n_patches * patch_len, R),
+        or the real volumes only when ``lengths`` (valid volumes per patch) is given."""
         self.model.eval()
         ids = torch.as_tensor(np.asarray(ids), dtype=torch.long)
         if ids.ndim != 2:
@@ -89,12 +121,12 @@ class Tokenizer:
         c = torch.as_tensor(np.asarray(coords, dtype=np.float32).reshape(-1, 3))
         q = self.model.quantizer.codes(ids)[None]
         recon, _ = self.model.decode_codes(q, c)
-        return unpatchify(recon[0].cpu().numpy())
+        return unpatchify(recon[0].cpu().numpy(), lengths)
 
     @torch.no_grad()
     def reconstruct(self, ts: np.ndarray, coords: np.ndarray, source=None) -> np.ndarray:
-        """Encode then decode: (n_patches * patch_len, R)."""
-        return self.decode(self.encode(ts, coords, source), coords)
+        """Encode then decode the volumes the tokens cover, (sum of patch lengths, R)."""
+        return self.decode(self.encode(ts, coords, source), coords, self.patch_lengths(len(ts)))
 
     @torch.no_grad()
     def embed_run(self, ts: np.ndarray, coords: np.ndarray, source=None,
@@ -106,24 +138,25 @@ class Tokenizer:
         the embedding sees no amplitude information.
         """
         self.model.eval()
-        x, c = self._inputs(ts, coords, source)
+        x, c, fm = self._inputs(ts, coords, source)
         ls = None
         if log_scale is not None:
             ls = torch.as_tensor(np.asarray(log_scale, dtype=np.float32).reshape(1, -1), device=x.device)
             if ls.shape[1] != x.shape[2]:
                 raise DataError(f"{ls.shape[1]} ROI scale values for {x.shape[2]} ROI columns", path=source)
-        out = self.model(x, c)
-        return self.model.run_embedding(out, log_scale=ls)[0].cpu().numpy()
+        out = self.model(x, c, frame_mask=fm)
+        return self.model.run_embedding(out, time_mask=fm.any(-1), log_scale=ls)[0].cpu().numpy()
 
     @torch.no_grad()
     def tokenize(self, raw_ts: np.ndarray, coords: np.ndarray, source=None) -> dict:
         """Everything the tokenizer gives for one cleaned, unscaled run (T,R) at the model TR.
 
-        Returns ``{"ids": (n_patches, R) int64, "embedding": (embed_dim,), "scaled": (T,R),
-        "log_scale": (R,)}``. Deterministic.
+        Returns ``{"ids": (n_patches, R) int64, "features": (n_patches, R, code_dim),
+        "embedding": (embed_dim,), "scaled": (T,R), "log_scale": (R,)}``. Deterministic.
         """
         scaled, log_scale = scale_run(raw_ts, return_log_scale=True)
-        return {"ids": self.encode(scaled, coords, source),
+        feats = self.features(scaled, coords, source)
+        return {"ids": self.ids_of(feats), "features": feats,
                 "embedding": self.embed_run(scaled, coords, source, log_scale=log_scale),
                 "scaled": scaled, "log_scale": log_scale}
 
@@ -171,8 +204,9 @@ class Tokenizer:
             raise MissingInputError(f"not a tokenizer checkpoint (needs {META} and {WEIGHTS})", path=path,
                                     fix="train one with `fmrilm train-tokenizer` or pass its folder")
         meta = json.loads((path / META).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"tokenizer format version {meta.get('format_version')} is not {FORMAT_VERSION}",
+        if meta.get("format_version") not in READABLE_VERSIONS:
+            raise DataError(f"tokenizer format version {meta.get('format_version')} is not one of "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}",
                             path=path / META, fix="retrain the tokenizer with this version of bids_fmrilm")
         cfg = TokenizerConfig.from_dict(meta["config"])
         model = TokenizerModel(cfg, text_dim=meta.get("text_dim", 0), llm_dim=meta.get("llm_dim", 0))

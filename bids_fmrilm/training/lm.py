@@ -51,6 +51,7 @@ class LMData:
     fc: np.ndarray  # (N, R*(R-1)/2) float16 Fisher-z FC, for the FC baselines
     coords: np.ndarray  # (R,3) ROI centroids (one atlas per corpus)
     atlas: str
+    feats: list[np.ndarray] | None = None  # (n_patches, R, c) float16 encoder features
 
 
 def _corpus_lines(corpus_jsonl: str | os.PathLike) -> list[dict]:
@@ -68,6 +69,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
     """Tokenize every corpus run found in ``timeseries_dir`` (cached by corpus, folder and tokenizer)."""
     from ..model.llm import cache_dir
     from ..tokenizer.data import load_timeseries_dir, parse_entities, run_key
+    from .tokenizer import run_fc
 
     lines = _corpus_lines(corpus_jsonl)
     by_key = {}
@@ -81,7 +83,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
     # the tokenizer's identity: a checksum of its weights and codebook
     wsum = float(sum(float(p.detach().double().abs().sum()) for p in tokenizer.model.state_dict().values()
                      if p.is_floating_point()))
-    blob = f"{Path(corpus_jsonl).resolve()}|{st.st_size}|{st.st_mtime_ns}|{Path(timeseries_dir).resolve()}|{wsum:.12e}"
+    blob = f"features|{Path(corpus_jsonl).resolve()}|{st.st_size}|{st.st_mtime_ns}|{Path(timeseries_dir).resolve()}|{wsum:.12e}"
     path = cache_dir() / "lm_data" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.pt"
     if cache and path.is_file():
         log(f"tokenized runs from cache {path}")
@@ -94,15 +96,14 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
     if len(atlases) > 1:
         raise UsageError(f"runs of several atlases ({', '.join(sorted(atlases))}) in one corpus",
                          fix="train on one atlas (select runs with the corpus)")
-    iu = np.triu_indices(runs[0].ts.shape[1], 1)
-    ids, embs, fcs = [], [], []
+    ids, embs, fcs, feats = [], [], [], []
     t0 = time.time()
     for r in runs:
-        ids.append(tokenizer.encode(r.ts, r.coords, source=r.path).astype(np.int16))
+        f = tokenizer.features(r.ts, r.coords, source=r.path)
+        feats.append(f.astype(np.float16))
+        ids.append(tokenizer.ids_of(f).astype(np.int16))
         embs.append(tokenizer.embed_run(r.ts, r.coords, source=r.path, log_scale=r.log_scale))
-        with np.errstate(all="ignore"):
-            c = np.corrcoef(r.ts.T)[iu]
-        fcs.append(np.arctanh(np.clip(np.nan_to_num(c), -0.999, 0.999)).astype(np.float16))
+        fcs.append(run_fc(r.ts).astype(np.float16))
     log(f"tokenized {len(runs)} runs in {time.time() - t0:.0f} s")
     lines_of = [by_key[r.key] for r in runs]
     data = dict(
@@ -110,6 +111,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
         ids=ids, run_emb=np.stack(embs).astype(np.float32), texts=[ln["text"] for ln in lines_of],
         z=[ln.get("z") or {} for ln in lines_of], phenotype=[ln.get("phenotype") or {} for ln in lines_of],
         fc=np.stack(fcs), coords=np.asarray(runs[0].coords, dtype=np.float32), atlas=runs[0].atlas,
+        feats=feats,
     )
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,8 @@ def split_sites(data: LMData, heldout_sites: Sequence[str]) -> tuple[np.ndarray,
 
 def make_block(data: LMData, i: int, roi: torch.Tensor, max_patches: int, rng: np.random.Generator | None = None) -> FMRIBlock:
     """Run ``i`` as a model input: a random crop (training) or the first ``max_patches`` patches."""
-    return fmri_block(data.ids[i].astype(np.int64), roi, data.run_emb[i], max_patches, rng)
+    feats = None if data.feats is None else data.feats[i]
+    return fmri_block(data.ids[i].astype(np.int64), roi, data.run_emb[i], max_patches, rng, feats)
 
 
 # ------------------------------------------------------------------------------------ examples

@@ -13,7 +13,11 @@ metrics (stored in the checkpoint's ``tokenizer.json`` and in ``OUT_DIR/metrics.
   same codebook size on raw training patches, applied to the held-out patches;
 - ``codebook_usage`` (fraction of codes used on held-out tokens) and ``perplexity``;
 - ``recall_at_1`` (and ``recall_at_5``): fMRI-to-text retrieval among 100 candidates, averaged
-  over random 100-run candidate sets of held-out runs (chance 0.01).
+  over random 100-run candidate sets of held-out runs (chance 0.01);
+- ``fc_recon_r2`` (designs that reconstruct FC): R^2 of each window's reconstructed Fisher-z FC;
+- ``probe`` (information gate 1): per label (diagnosis, sex), held-out AUROC of a linear probe on
+  the run representation (:meth:`Tokenizer.run_representation`) and of logistic regression on
+  the runs' FC, both fitted on the training sites' runs.
 """
 
 from __future__ import annotations
@@ -32,8 +36,8 @@ import torch.nn.functional as F
 
 from ..errors import DataError, MissingInputError, UsageError
 from ..tokenizer.config import TokenizerConfig, get_config
-from ..tokenizer.data import RunData, load_timeseries_dir, parse_entities, patchify, run_key
-from ..tokenizer.model import TokenizerModel, spectral_loss, usage_and_perplexity
+from ..tokenizer.data import RunData, frame_mask, load_timeseries_dir, parse_entities, patchify, run_key
+from ..tokenizer.model import TokenizerModel, reconstruction_losses, usage_and_perplexity
 from ..tokenizer.tokenizer import Tokenizer
 from .schedule import warmup_cosine
 from .text_cache import TEXT_TEMPLATE, cached_text_embeddings
@@ -95,11 +99,17 @@ def choose_heldout_sites(sites: Sequence[str], seed: int = 0, fraction: float = 
 
 
 class CropDataset(torch.utils.data.Dataset):
-    """Random crops of ``crop`` patches of each training run (deterministic per seed, epoch, index)."""
+    """Random crops of ``crop`` patches of each training run (deterministic per seed, epoch, index).
 
-    def __init__(self, patches: list[np.ndarray], crop: int, seed: int, log_scales: list[np.ndarray] | None = None):
+    Items: patches (crop,R,P), frame mask (crop,P) of real volumes (padding patches and the
+    padded end of a partial patch are False), run index, log scale (R,).
+    """
+
+    def __init__(self, patches: list[np.ndarray], crop: int, seed: int, log_scales: list[np.ndarray] | None = None,
+                 lengths: list[np.ndarray] | None = None):
         self.patches, self.crop, self.seed, self.epoch = patches, crop, seed, 0
         self.log_scales = log_scales or [np.zeros(p.shape[1], dtype=np.float32) for p in patches]
+        self.lengths = lengths or [np.full(p.shape[0], p.shape[2]) for p in patches]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -108,14 +118,14 @@ class CropDataset(torch.utils.data.Dataset):
         return len(self.patches)
 
     def __getitem__(self, i):
-        p = self.patches[i]  # (n,R,P)
+        p, lengths = self.patches[i], self.lengths[i]  # (n,R,P), (n,)
         n = p.shape[0]
         rng = np.random.default_rng([self.seed, self.epoch, i])
         if n > self.crop:
             s = int(rng.integers(0, n - self.crop + 1))
-            p = p[s:s + self.crop]
-        mask = np.zeros(self.crop, dtype=bool)
-        mask[: p.shape[0]] = True
+            p, lengths = p[s:s + self.crop], lengths[s:s + self.crop]
+        mask = np.zeros((self.crop, p.shape[2]), dtype=bool)
+        mask[: p.shape[0]] = frame_mask(lengths, p.shape[2])
         if p.shape[0] < self.crop:
             p = np.concatenate([p, np.zeros((self.crop - p.shape[0],) + p.shape[1:], dtype=p.dtype)])
         return (torch.from_numpy(np.ascontiguousarray(p)), torch.from_numpy(mask), i,
@@ -150,32 +160,89 @@ def retrieval_recall(f: np.ndarray, t: np.ndarray, n_candidates: int = 100, repe
 
 @torch.no_grad()
 def evaluate(model: TokenizerModel, patches: list[np.ndarray], coords: torch.Tensor,
-             text_emb: np.ndarray | None, seed: int = 0, log_scales: list[np.ndarray] | None = None) -> dict:
-    """Held-out metrics of a model on full runs (eval mode)."""
+             text_emb: np.ndarray | None, seed: int = 0, log_scales: list[np.ndarray] | None = None,
+             lengths: list[np.ndarray] | None = None) -> tuple[dict, np.ndarray]:
+    """Held-out metrics of a model on full runs (eval mode), and the runs' representations
+    (:meth:`Tokenizer.run_representation`, one row per run) for the linear probes."""
     model.eval()
-    preds, targets, ids_all, runs_emb = [], [], [], []
+    sse = 0.0
+    vals, ids_all, runs_emb, reps, fc_sse, fc_sst = [], [], [], [], 0.0, 0.0
     for j, p in enumerate(patches):
         x = torch.from_numpy(p)[None]
+        L = np.full(p.shape[0], p.shape[2]) if lengths is None else lengths[j]
+        fm = torch.from_numpy(frame_mask(L, p.shape[2]))[None]
         ls = None if log_scales is None else torch.from_numpy(np.asarray(log_scales[j], dtype=np.float32))[None]
-        out = model(x, coords, with_embedding=text_emb is not None, log_scale=ls)
-        preds.append(out["recon"][0].numpy())
-        targets.append(p)
+        out = model(x, coords, frame_mask=fm, with_embedding=text_emb is not None, log_scale=ls)
+        real = fm[0][:, None, :].expand(p.shape).numpy()
+        vals.append(p[real])
+        sse += float(((out["recon"][0].numpy() - p)[real] ** 2).sum())
         ids_all.append(out["ids"].reshape(-1))
+        reps.append(Tokenizer.run_representation(out["z"][0].numpy()))
+        if "fc" in out:
+            R = p.shape[1]
+            iu = np.triu_indices(R, 1)
+            f, r = out["fc"][0].numpy()[:, iu[0], iu[1]], out["fc_recon"][0].numpy()[:, iu[0], iu[1]]
+            fc_sse += float(((r - f) ** 2).sum())
+            fc_sst += float(((f - f.mean(1, keepdims=True)) ** 2).sum())
         if text_emb is not None:
             runs_emb.append(out["run_emb"][0].numpy())
-    pred, target = np.concatenate([a.reshape(-1) for a in preds]), np.concatenate([a.reshape(-1) for a in targets])
+    target = np.concatenate(vals)
+    sst_n = float(((target - target.mean()) ** 2).sum())
     usage, ppl = usage_and_perplexity(torch.cat(ids_all), model.cfg.codebook_size)
-    res = {"recon_r2": r2_score_pooled(pred, target), "codebook_usage": usage, "perplexity": ppl,
+    res = {"recon_r2": 1.0 - sse / max(sst_n, 1e-12), "codebook_usage": usage, "perplexity": ppl,
            "n_runs": len(patches), "n_tokens": int(sum(a.numel() for a in ids_all))}
+    if fc_sst > 0:
+        res["fc_recon_r2"] = 1.0 - fc_sse / fc_sst  # about each patch's mean connectivity
     if text_emb is not None and len(patches) >= 2:
         t = model.embed_text(torch.as_tensor(text_emb, dtype=torch.float32)).numpy()
         res.update(retrieval_recall(np.stack(runs_emb), t, seed=seed))
-    return res
+    return res, np.stack(reps)
+
+
+def run_fc(ts: np.ndarray) -> np.ndarray:
+    """Upper-triangle Fisher-z FC of a robust-scaled run over all its volumes (the FC baseline's
+    features; zero-variance regions give 0)."""
+    iu = np.triu_indices(ts.shape[1], 1)
+    with np.errstate(all="ignore"):
+        c = np.corrcoef(np.asarray(ts, dtype=np.float64).T)[iu]
+    return np.arctanh(np.clip(np.nan_to_num(c), -0.999, 0.999)).astype(np.float32)
+
+
+PROBE_LABELS = {"diagnosis": "TD", "sex": "M"}
+"""Phenotype columns of the information gates, each with its positive class."""
+
+
+def probe_gates(train_x: np.ndarray, test_x: np.ndarray, train_fc: np.ndarray, test_fc: np.ndarray,
+                train_pheno: list[dict], test_pheno: list[dict], seed: int = 0) -> dict:
+    """Information gate 1: held-out AUROC of a linear probe on the tokenizer's run representation
+    beside logistic regression on FC, fitted on the same training runs (the group level's
+    pipeline: standardise, PCA, logistic with inner CV), for each label of :data:`PROBE_LABELS`
+    with both classes on both sides of the split."""
+    from sklearn.metrics import roc_auc_score
+
+    from ..levels.crossval import linear_baseline
+
+    out = {}
+    for label, pos in PROBE_LABELS.items():
+        ytr = np.array([str(p.get(label)) == pos if p.get(label) not in (None, "") else -1 for p in train_pheno], int)
+        yte = np.array([str(p.get(label)) == pos if p.get(label) not in (None, "") else -1 for p in test_pheno], int)
+        tr, te = ytr >= 0, yte >= 0
+        if len(set(ytr[tr])) < 2 or len(set(yte[te])) < 2:
+            continue
+        res = {"positive": pos, "n_train": int(tr.sum()), "n_test": int(te.sum())}
+        for name, a, b in (("probe", train_x, test_x), ("fc_logistic", train_fc, test_fc)):
+            m = linear_baseline("classification", ytr[tr], seed=seed).fit(a[tr], ytr[tr])
+            res[f"{name}_auroc"] = float(roc_auc_score(yte[te], m.predict_proba(b[te])[:, 1]))
+        res["probe_beats_fc"] = res["probe_auroc"] >= res["fc_logistic_auroc"]
+        out[label] = res
+    return out
 
 
 def kmeans_baseline(train: list[np.ndarray], test: list[np.ndarray], k: int, seed: int = 0,
-                    max_samples: int = 200_000) -> dict:
-    """Same-bits baseline: MiniBatchKMeans (k codes) on raw training patches; held-out R^2."""
+                    max_samples: int = 200_000, test_lengths: list[np.ndarray] | None = None) -> dict:
+    """Same-bits baseline: MiniBatchKMeans (k codes) on raw training patches; held-out R^2 over
+    the real volumes (``test_lengths``: valid volumes of each test patch; zero-padded partial
+    patches are coded as they are)."""
     from sklearn.cluster import MiniBatchKMeans
 
     P = train[0].shape[-1]
@@ -186,6 +253,9 @@ def kmeans_baseline(train: list[np.ndarray], test: list[np.ndarray], k: int, see
     km = MiniBatchKMeans(n_clusters=k, batch_size=4096, n_init=3, max_iter=50, random_state=seed).fit(xtr)
     xte = np.concatenate([p.reshape(-1, P) for p in test])
     rec = km.cluster_centers_[km.predict(xte)]
+    if test_lengths is not None:
+        real = np.concatenate([np.repeat(frame_mask(L, P), p.shape[1], axis=0) for L, p in zip(test_lengths, test)])
+        rec, xte = rec[real], xte[real]
     return {"kmeans_r2": r2_score_pooled(rec, xte), "kmeans_k": k, "kmeans_train_patches": int(xtr.shape[0])}
 
 
@@ -271,10 +341,11 @@ def train_tokenizer(
     if len(sigs) > 1:
         raise DataError("training runs use different ROI sets; train on one atlas at a time",
                         fix="pass a folder with one atlas, or a corpus of one atlas")
-    short = [r for r in runs if r.ts.shape[0] < cfg.patch_len]
+    min_len = cfg.min_patch_len or cfg.patch_len
+    short = [r for r in runs if r.ts.shape[0] < min_len]
     if short:
-        log(f"skipping {len(short)} runs shorter than one patch ({cfg.patch_len} volumes)")
-        runs = [r for r in runs if r.ts.shape[0] >= cfg.patch_len]
+        log(f"skipping {len(short)} runs shorter than one patch ({min_len} volumes)")
+        runs = [r for r in runs if r.ts.shape[0] >= min_len]
     sites = [texts[r.key]["site"] for r in runs]
     held = sorted(heldout_sites) if heldout_sites else choose_heldout_sites(sites, seed)
     unknown = set(held) - set(sites)
@@ -306,8 +377,9 @@ def train_tokenizer(
         word_embeddings = _we(load_base_llm(llm)[0])
 
     coords = torch.from_numpy(np.asarray(train_runs[0].coords, dtype=np.float32))
-    train_p = [patchify(r.ts, cfg.patch_len, r.path) for r in train_runs]
-    test_p = [patchify(r.ts, cfg.patch_len, r.path) for r in test_runs]
+    train_p, train_len = zip(*[patchify(r.ts, cfg.patch_len, r.path, min_len, return_lengths=True) for r in train_runs])
+    test_p, test_len = zip(*[patchify(r.ts, cfg.patch_len, r.path, min_len, return_lengths=True) for r in test_runs])
+    train_p, test_p, train_len, test_len = list(train_p), list(test_p), list(train_len), list(test_len)
 
     # ---- model, optimiser, data loader
     torch.manual_seed(seed)
@@ -329,7 +401,7 @@ def train_tokenizer(
     levels = np.array([np.median(v) for v in train_ls])
     model.pooler.level_mean.fill_(float(levels.mean()))
     model.pooler.level_std.fill_(float(max(levels.std(), 1e-3)))
-    ds = CropDataset(train_p, min(cfg.crop_patches, max(p.shape[0] for p in train_p)), seed, train_ls)
+    ds = CropDataset(train_p, min(cfg.crop_patches, max(p.shape[0] for p in train_p)), seed, train_ls, train_len)
     g = torch.Generator().manual_seed(seed)
     bs = min(cfg.batch_size, len(ds))
     dl = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, drop_last=True, generator=g)
@@ -364,8 +436,9 @@ def train_tokenizer(
         it = batches(0)
         with torch.no_grad():
             for _ in range(max(1, min(cfg.kmeans_init_batches, steps_per_epoch))):
-                x, mask, _, _ = next(it)
-                z, _ = raw.encode(x, coords_d, mask)
+                x, fmask, _, _ = next(it)
+                mask = fmask.any(-1)
+                z, _ = raw.encode(x, coords_d, mask, frame_mask=fmask)
                 zs.append(z[mask].reshape(-1, z.shape[-1]))
         zall = torch.cat(zs)
         raw.quantizer.kmeans_init(zall, iters=cfg.kmeans_iters, n_batches=len(zs), seed=seed)
@@ -391,17 +464,18 @@ def train_tokenizer(
     with prog:
         task = prog.add_task("train", total=cfg.max_steps, completed=step, info="")
         while step < cfg.max_steps:
-            x, mask, idx, log_scale = next(it)
+            x, fmask, idx, log_scale = next(it)
+            mask = fmask.any(-1)
             need_emb = cfg.contrastive_weight > 0
             # random time offset, so that positions of long runs are seen in training
             off = int(torch.randint(0, max(1, cfg.max_position - x.shape[1] + 1), (1,), generator=off_gen))
             o = model(x, coords_d, mask, with_embedding=need_emb, text_emb=train_text_d if need_emb else None,
-                      offset=off, log_scale=log_scale)
-            tm = mask[:, :, None].expand(o["recon"].shape[:3]).float()
-            mse = (((o["recon"] - x) ** 2).mean(-1) * tm).sum() / tm.sum()
-            spec = spectral_loss(o["recon"], x, tm)
-            loss = mse + cfg.spectral_weight * spec + cfg.commitment * o["commit"]
-            parts = {"mse": mse.item(), "spectral": spec.item(), "commit": o["commit"].item()}
+                      offset=off, log_scale=log_scale, frame_mask=fmask)
+            rec = reconstruction_losses(o, x, fmask, cfg)
+            loss = rec["mse"] + cfg.spectral_weight * rec["spectral"] + cfg.commitment * o["commit"]
+            if "fc" in rec:
+                loss = loss + cfg.fc_weight * rec["fc"]
+            parts = {k: v.item() for k, v in rec.items()} | {"commit": o["commit"].item()}
             if need_emb:
                 f, t = o["run_emb"], o["text_emb"]
                 logits = o["logit_scale"] * f @ t.t()  # fMRI -> every training text
@@ -450,9 +524,18 @@ def train_tokenizer(
     metrics: dict = {}
     if accelerator.is_main_process:
         raw.cpu()
-        held_metrics = evaluate(raw, test_p, coords, test_text, seed=seed, log_scales=test_ls)
-        base = kmeans_baseline(train_p, test_p, cfg.codebook_size, seed=seed)
+        held_metrics, test_rep = evaluate(raw, test_p, coords, test_text, seed=seed, log_scales=test_ls,
+                                          lengths=test_len)
+        _, train_rep = evaluate(raw, train_p, coords, None, log_scales=train_ls, lengths=train_len)
+        gates = probe_gates(train_rep, test_rep, np.stack([run_fc(r.ts) for r in train_runs]),
+                            np.stack([run_fc(r.ts) for r in test_runs]),
+                            [texts[r.key]["phenotype"] for r in train_runs],
+                            [texts[r.key]["phenotype"] for r in test_runs], seed=seed)
+        for label, g in gates.items():
+            log(f"gate 1, {label}: linear probe AUROC {g['probe_auroc']:.3f} vs FC logistic {g['fc_logistic_auroc']:.3f}")
+        base = kmeans_baseline(train_p, test_p, cfg.codebook_size, seed=seed, test_lengths=test_len)
         metrics = {**held_metrics, **base, "beats_kmeans": held_metrics["recon_r2"] > base["kmeans_r2"],
+                   "probe": gates,
                    "steps": step, "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),
                    "prep_wall_s": round(prep_s, 1),
                    "total_wall_s": round(time.time() - t0, 1)}
@@ -491,7 +574,8 @@ def _llm_id(llm):
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--timeseries", "timeseries_dir", type=click.Path(exists=True, file_okay=False),
               help="Participant-level output with *_timeseries.tsv.gz runs (default: the corpus's folder).")
-@click.option("--config", "config_name", type=click.Choice(["tiny", "cpu", "paper"]), default="cpu", show_default=True)
+@click.option("--config", "config_name", type=click.Choice(["tiny", "cpu", "patch", "paper"]), default="cpu",
+              show_default=True, help="cpu/paper: per-region tokens over long windows with FC input; patch: 8-volume patches.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--heldout-sites", default=None, help="Comma-separated sites kept out of training (default: chosen by seed).")
 @click.option("--max-minutes", type=float, default=None,

@@ -29,7 +29,7 @@ def gates(tokenizer_dir: str, corpus: str, series_dir: str, runs=None) -> dict:
     texts = read_corpus_texts(corpus)
     runs = runs if runs is not None else load_timeseries_dir(series_dir, keys=set(texts))
     test = np.array([texts[r.key]["site"] in held for r in runs])
-    rep = np.stack([Tokenizer.run_representation(tok.features(r.ts, r.coords)) for r in runs])
+    rep = np.stack([tok.represent_run(r.ts, r.coords) for r in runs])
     emb = np.stack([tok.embed_run(r.ts, r.coords, log_scale=r.log_scale) for r in runs])
     fc = np.stack([run_fc(r.ts) for r in runs])
     pheno = [texts[r.key]["phenotype"] for r in runs]

@@ -84,6 +84,49 @@ def test_stages_log_losses_and_write_checkpoints(trained):
     assert meta["tasks"][0]["answers"] == ["female", "male"]
     card = (root / "ins" / "model" / "README.md").read_text()
     assert "Held-out" in card and "non-commercial" in card and meta["id"] in card
+    # the information gates travel with the checkpoint and its card, each beside FC on the same split
+    assert "Information gates" in card
+    gates = {(g["gate"], g["name"]): g for g in meta["gates"]}
+    assert {g["gate"] for g in meta["gates"]} == {1, 2, 3, 4}
+    probe = meta["tokenizer"]["probe"]
+    if "diagnosis" in probe:
+        g1 = gates[(1, "linear probe on the run representation, diagnosis AUROC")]
+        assert g1["value"] == probe["diagnosis"]["probe_auroc"]
+        assert g1["passed"] == (g1["value"] >= probe["diagnosis"]["fc_logistic_auroc"])
+    rep = gates[(4, "descriptions with a repeated sentence")]
+    assert rep["value"] == meta["metrics"]["instruct"]["descriptions"]["runs_with_repeated_sentences"]
+
+
+def test_information_gates_compare_with_fc_and_thresholds():
+    from bids_fmrilm.model.card import model_card
+    from bids_fmrilm.model.gates import gates_passed, information_gates, repeated_sentences
+
+    assert repeated_sentences("Connectivity is typical. Modularity is higher.  connectivity is  TYPICAL.") == 1
+    assert repeated_sentences("One. Two? Three!") == 0
+    task = lambda v, fc, key="auroc": {"n": 137, "fmrilm": {key: v}, "fc_logistic": {key: fc}}  # noqa: E731
+    meta = {"tokenizer": {"probe": {"diagnosis": {"probe_auroc": 0.70, "fc_logistic_auroc": 0.69}}},
+            "metrics": {"instruct": {
+                "tasks": {"diagnosis": task(0.66, 0.69), "sex": task(0.70, 0.60),
+                          "desc:fc_within.mean": task(0.81, 0.95, "balanced_accuracy")},
+                "descriptions": {"agreement": 0.9, "agreement_always_typical": 0.7, "agreement_other_run": 0.6,
+                                 "statements": 120, "n_runs": 30,
+                                 "runs_with_repeated_sentences": 0}}}}
+    rows = information_gates(meta)
+    by = {r["name"]: r["passed"] for r in rows}
+    assert by["linear probe on the run representation, diagnosis AUROC"] is True
+    assert by["zero-shot diagnosis AUROC"] is False  # above 0.65 but below FC of the same split
+    assert by["zero-shot sex AUROC"] is True
+    assert by["desc:fc_within.mean balanced accuracy"] is True  # an absolute threshold, FC shown only
+    assert by["description level agreement"] is True and by["descriptions with a repeated sentence"] is True
+    assert not gates_passed(rows)
+    meta["metrics"]["instruct"]["tasks"]["diagnosis"] = task(0.72, 0.69)
+    assert gates_passed(information_gates(meta))
+    meta["metrics"]["instruct"]["descriptions"]["runs_with_repeated_sentences"] = 2
+    assert not gates_passed(information_gates(meta))
+    del meta["tokenizer"]  # an old checkpoint: gate 1 not measured, never counted as passed
+    rows = information_gates(meta)
+    assert rows[0]["passed"] is None and not gates_passed(rows)
+    assert "| 1 | linear probe" in model_card(meta) and "not measured" in model_card(meta)
 
 
 def test_heldout_evaluation_has_baselines(trained):

@@ -61,8 +61,33 @@ def test_encode_is_deterministic_and_in_range(trained):
     assert feats.shape == (3, N_ROI, tok.config.code_dim)
     assert np.array_equal(tok.ids_of(feats), a)  # ids are the features' nearest codes
     assert Tokenizer.run_representation(feats).shape == (N_ROI * tok.config.code_dim,)
+    # patches weigh by their real volumes: the 8-volume window counts half of a 16-volume one
+    rep = tok.represent_run(trained["run"], trained["coords"])
+    want = (16 * feats[0] + 16 * feats[1] + 8 * feats[2]) / 40
+    assert np.allclose(rep, want.reshape(-1), atol=1e-5)
     emb = tok.embed_run(trained["run"], trained["coords"])
     assert emb.shape == (tok.config.embed_dim,) and abs(np.linalg.norm(emb) - 1) < 1e-4
+
+
+def test_frozen_fixed_profile_dims_are_a_linear_map_of_fc():
+    """With a frozen identity fc_skip the first code dims are the connectivity profile on the
+    fixed Fourier keys, whatever the transformer branch learned."""
+    from bids_fmrilm.tokenizer.model import TokenizerModel, fc_profile, fixed_key_dim, fixed_partner_keys, window_fc
+
+    cfg = get_config("tiny", freeze_encoder_skip=True, code_dim=16, fc_fixed_bands=2)
+    torch.manual_seed(0)
+    m = TokenizerModel(cfg, text_dim=8, llm_dim=8).eval()
+    for p in m.encoder.to_code.parameters():  # a trained branch is not zero
+        torch.nn.init.normal_(p)
+    coords = torch.from_numpy(_coords().astype(np.float32))
+    x = torch.randn(2, 3, N_ROI, cfg.patch_len)
+    with torch.no_grad():
+        z, _ = m.encode(x, coords)
+        prof = fc_profile(window_fc(x), fixed_partner_keys(coords, cfg))
+    k = fixed_key_dim(cfg)
+    assert k == 12 and torch.allclose(z[..., :k], prof, atol=1e-5)
+    assert not torch.allclose(z[..., k:], torch.zeros_like(z[..., k:]))
+    assert not m.encoder.fc_skip.weight.requires_grad
 
 
 def test_save_load_round_trip(trained, tmp_path):
@@ -230,3 +255,19 @@ def test_tokens_carry_connectivity(trained):
         assert g["probe_beats_fc"] == (g["probe_auroc"] >= g["fc_logistic_auroc"])
     meta = json.loads((trained["out"] / "tokenizer.json").read_text())
     assert meta["format_version"] == 2 and meta["metrics"]["heldout"]["probe"] == probe
+
+
+def test_config_settings_from_the_command_line_are_typed_and_checked():
+    from bids_fmrilm.errors import UsageError
+    from bids_fmrilm.model.config import FMRILMConfig
+    from bids_fmrilm.tokenizer.config import TokenizerConfig, get_config
+    from bids_fmrilm.training.tokenizer import parse_settings
+
+    over = parse_settings(["fc_input=false", "fc_weight=0", "patch_len=8"], TokenizerConfig)
+    assert over == {"fc_input": False, "fc_weight": 0.0, "patch_len": 8}
+    cfg = get_config("cpu", **over)
+    assert cfg.fc_input is False and cfg.patch_len == 8 and cfg.codebook_size == 256
+    assert parse_settings(["lora_targets=q_proj, v_proj"], FMRILMConfig) == {"lora_targets": ("q_proj", "v_proj")}
+    for bad in (["no_such_field=1"], ["patch_len=long"], ["fc_input=maybe"], ["patch_len"]):
+        with pytest.raises(UsageError):
+            parse_settings(bad, TokenizerConfig)

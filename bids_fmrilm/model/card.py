@@ -76,6 +76,13 @@ def model_card(meta: dict[str, Any]) -> str:
         lines += ["| stage | metric | fMRI-LM | baselines (same split) |", "|---|---|---|---|", *rows]
     else:
         lines.append("No held-out evaluation was run.")
+    lines += ["", "## Information gates (held-out sites, beside FC logistic regression on the same split)", ""]
+    from .gates import gate_table, gates_passed, information_gates
+
+    gates = information_gates(meta)
+    lines += [*gate_table(gates), "",
+              "All gates pass." if gates_passed(gates) else "Not every gate passes (or was measured): read the "
+              "figures above as what this checkpoint carries, not as a validated model."]
     lines += ["", "## Tasks (constrained answers)", ""]
     for t in meta.get("tasks", []):
         lines.append(f"- `{t['name']}`: {t['question']} — answers: {', '.join(t['answers'])}")

@@ -123,6 +123,10 @@ def update_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> dict[str
     path = Path(path)
     meta = read_meta(path, verify=False)
     meta["metrics"] = {**meta.get("metrics", {}), **metrics}
+    if meta["metrics"]:
+        from .gates import information_gates
+
+        meta["gates"] = information_gates(meta)
     for name, text in ((META, json.dumps(meta, indent=2, default=str)), ("README.md", model_card(meta))):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
         with os.fdopen(fd, "w") as fh:

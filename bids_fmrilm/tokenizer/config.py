@@ -95,7 +95,7 @@ CONFIGS: dict[str, TokenizerConfig] = {
     ),
     "cpu": TokenizerConfig(
         name="cpu", patch_len=160, min_patch_len=40, d_model=64, n_heads=4, enc_layers=2, dec_layers=2,
-        codebook_size=256, code_dim=16, fc_input=True, fc_weight=1.0, fc_rank=16, encoder_lr_scale=1.0,
+        codebook_size=256, code_dim=24, fc_input=True, fc_weight=1.0, fc_rank=16, encoder_lr_scale=1.0,
         freeze_encoder_skip=True, kmeans_init_batches=8, batch_size=8, crop_patches=3, max_position=8, lr=1e-3,
         warmup_steps=100, max_steps=2000, log_every=50, checkpoint_every=500,
     ),

@@ -206,6 +206,13 @@ class Encoder(nn.Module):
             self.fc_key = nn.Linear(cfg.d_model, cfg.d_model)  # learned partner keys from coordinate embeddings
             self.fc_in = nn.Linear(n_key, cfg.d_model)
             self.fc_skip = nn.Linear(n_key, cfg.code_dim, bias=False)
+        # With a frozen identity fc_skip, the first code dims are the profile on the fixed keys (a
+        # fixed linear map of FC); the transformer branch writes only the other dims, so training
+        # cannot wash out what a linear model on FC finds.
+        mask = torch.ones(cfg.code_dim)
+        if cfg.fc_input and cfg.freeze_encoder_skip:
+            mask[: min(fixed_key_dim(cfg), cfg.code_dim)] = 0.0
+        self.register_buffer("branch_mask", mask, persistent=False)
 
     def forward(self, patches, roi_emb, time_mask=None, offset: int = 0, fc=None, fixed_keys=None):
         B, T, R, P = patches.shape
@@ -217,7 +224,7 @@ class Encoder(nn.Module):
             skip = skip + self.fc_skip(prof)
         for blk in self.blocks:
             x = blk(x, time_mask)
-        return skip + self.to_code(self.ln_f(x))
+        return skip + self.to_code(self.ln_f(x)) * self.branch_mask
 
 
 class Decoder(nn.Module):

@@ -101,11 +101,18 @@ class Tokenizer:
         """
         return self.ids_of(self.features(ts, coords, source))
 
+    def represent_run(self, ts: np.ndarray, coords: np.ndarray, source: str | os.PathLike | None = None) -> np.ndarray:
+        """:meth:`run_representation` of a robust-scaled run ``ts`` (T,R): (R * code_dim,)."""
+        return self.run_representation(self.features(ts, coords, source), self.patch_lengths(len(ts)))
+
     @staticmethod
-    def run_representation(features: np.ndarray) -> np.ndarray:
-        """A run's representation for linear probes: its encoder features averaged over patches,
-        flattened region by region, (R * code_dim,)."""
-        return np.asarray(features, dtype=np.float32).mean(0).reshape(-1)
+    def run_representation(features: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+        """A run's representation for linear probes: its encoder features averaged over patches
+        (weighted by each patch's real volumes, ``lengths``, so that a short trailing window counts
+        for what it measured), flattened region by region, (R * code_dim,)."""
+        f = np.asarray(features, dtype=np.float32)
+        w = np.ones(len(f)) if lengths is None else np.asarray(lengths, dtype=np.float64)
+        return np.tensordot(w / w.sum(), f, axes=1).astype(np.float32).reshape(-1)
 
     @torch.no_grad()
     def decode(self, ids: np.ndarray, coords: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:

@@ -147,7 +147,10 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
                 agree3 += three(lev) == three(true)
                 chance3 += three(lev) == three(rand)
         d = max(n_stated, 1)
+        from ..model.gates import repeated_sentences
+
         res["descriptions"] = {"n_runs": int(len(pick)), "statements": int(n_stated),
+                               "runs_with_repeated_sentences": int(sum(repeated_sentences(t) > 0 for t in texts)),
                                "statements_per_run": n_stated / max(len(pick), 1),
                                "agreement": agree / d, "agreement_other_run": chance / d,
                                "agreement_always_typical": typical / d,

@@ -350,6 +350,10 @@ def train_stage(
             "scaling": tok.meta.get("scaling"),
             "descriptor_reference": sorted(refs)[0] if len(refs) == 1 else sorted(refs),
             "training": training,
+            # the tokenizer's held-out figures (gate 1) travel with the checkpoint
+            "tokenizer": {"config": tok.config.name, "fmri_input": raw.cfg.fmri_input,
+                          "heldout_sites": tok.meta.get("training", {}).get("heldout_sites"),
+                          "probe": tok.meta.get("metrics", {}).get("heldout", {}).get("probe")},
             "metrics": dict(prev_meta.get("metrics", {})),
         }
         save_checkpoint(out / "model", raw, tok, tasks, meta)
@@ -388,6 +392,8 @@ def _common(f):
         click.option("--n-describe", type=int, default=40, show_default=True,
                      help="Held-out runs whose generated description is scored."),
         click.option("--no-eval", is_flag=True, help="Skip the held-out evaluation."),
+        click.option("--set", "settings", multiple=True, metavar="FIELD=VALUE",
+                     help="Override a config field (repeatable), e.g. --set slots_per_patch=8 (ablations)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -395,9 +401,11 @@ def _common(f):
 
 
 def _run_stage(stage, corpus_jsonl, init, out_dir, timeseries_dir, config_name, seed, heldout_sites, max_minutes,
-               max_steps, device, quantization, n_describe, no_eval, base_llm=None):
+               max_steps, device, quantization, n_describe, no_eval, settings=(), base_llm=None):
+    from .tokenizer import parse_settings
+
     held = [s.strip() for s in heldout_sites.split(",") if s.strip()] if heldout_sites else None
-    overrides = {}
+    overrides = parse_settings(settings, FMRILMConfig)
     if max_steps:
         overrides["pretrain_steps" if stage == "pretrain" else "instruct_steps"] = max_steps
     config: Any = config_name or "cpu"

@@ -177,7 +177,7 @@ def evaluate(model: TokenizerModel, patches: list[np.ndarray], coords: torch.Ten
         vals.append(p[real])
         sse += float(((out["recon"][0].numpy() - p)[real] ** 2).sum())
         ids_all.append(out["ids"].reshape(-1))
-        reps.append(Tokenizer.run_representation(out["z"][0].numpy()))
+        reps.append(Tokenizer.run_representation(out["z"][0].numpy(), L))
         if "fc" in out:
             R = p.shape[1]
             iu = np.triu_indices(R, 1)
@@ -559,6 +559,36 @@ def train_tokenizer(
     return metrics
 
 
+def parse_settings(settings: Sequence[str], config_cls) -> dict:
+    """``FIELD=VALUE`` strings -> config overrides, each value cast to the field's type."""
+    import dataclasses
+
+    types = {f.name: type(f.default if f.default is not dataclasses.MISSING else f.default_factory())
+             for f in dataclasses.fields(config_cls)}
+    out: dict = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in types:
+            raise UsageError(f"--set {item!r}: expected FIELD=VALUE with a field of the {config_cls.__name__}",
+                             fix=f"fields: {', '.join(sorted(types))}")
+        kind = types[key]
+        try:
+            if kind is bool:
+                if value.strip().lower() not in {"true", "false", "1", "0", "yes", "no"}:
+                    raise ValueError(value)
+                out[key] = value.strip().lower() in {"true", "1", "yes"}
+            elif kind in (tuple, list):
+                out[key] = tuple(v.strip() for v in value.split(",") if v.strip())
+            elif kind is dict:
+                out[key] = json.loads(value)
+            else:
+                out[key] = kind(value)
+        except (ValueError, json.JSONDecodeError):
+            raise UsageError(f"--set {item!r}: {value!r} is not a {kind.__name__}", fix=f"give {key} a {kind.__name__}")
+    return out
+
+
 def _llm_id(llm):
     try:
         from ..model.llm import base_llm_id_and_hash
@@ -582,10 +612,14 @@ def _llm_id(llm):
               help="Stop the training loop after this much wall time (checkpointed), then evaluate.")
 @click.option("--max-steps", type=int, default=None, help="Override the config's number of steps.")
 @click.option("--llm", default=None, help="Base LLM for text embeddings (default SmolLM2-135M-Instruct).")
+@click.option("--set", "settings", multiple=True, metavar="FIELD=VALUE",
+              help="Override a config field (repeatable), e.g. --set fc_input=false --set fc_weight=0 (ablations).")
 def train_tokenizer_command(corpus_jsonl, out_dir, timeseries_dir, config_name, seed, heldout_sites, max_minutes,
-                            max_steps, llm):
+                            max_steps, llm, settings):
     """Train the VQ fMRI tokenizer on CORPUS_JSONL + ROI time series; write it to OUT_DIR."""
     held = [s.strip() for s in heldout_sites.split(",") if s.strip()] if heldout_sites else None
-    overrides = {"max_steps": max_steps} if max_steps else {}
+    overrides = parse_settings(settings, TokenizerConfig)
+    if max_steps:
+        overrides["max_steps"] = max_steps
     train_tokenizer(corpus_jsonl, timeseries_dir, out_dir, config=config_name, seed=seed, heldout_sites=held,
                     max_minutes=max_minutes, llm=llm, **overrides)

@@ -7,8 +7,9 @@
 #   scripts/train_default_model.sh [WORK_DIR] [--install]
 #
 # --install copies the resulting checkpoint into bids_fmrilm/data/model (the packaged default).
-# The packaged model used 250 pretrain and 300 instruct steps (the cpu config's defaults are 300 and
-# 400). Compare a result with the packaged model:
+# Steps: PRETRAIN_STEPS (default 150) and INSTRUCT_STEPS (150), the packaged model's; stage 2 is not
+# evaluated on its own (the gates are stage 3's; `fmrilm pretrain` without --no-eval does). Compare a
+# result with the packaged model:
 #   fmrilm compare-models bids_fmrilm/data/model WORK_DIR/instruct/model
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
@@ -16,6 +17,8 @@ WORK="${1:-$HERE/work_default_model}"
 SHARED="${SHARED:-$HERE/../shared}"
 SEED="${SEED:-0}"
 HELDOUT="${HELDOUT:-CMU,STANFORD,USM}"
+PRETRAIN_STEPS="${PRETRAIN_STEPS:-150}"
+INSTRUCT_STEPS="${INSTRUCT_STEPS:-150}"
 BIN="${BIN:-$HERE/.venv/bin}"
 export BIDS_FMRILM_ATLAS_DIR="${BIDS_FMRILM_ATLAS_DIR:-$SHARED/atlases}"
 export BIDS_FMRILM_MODEL=none   # the participant level here computes series only
@@ -30,12 +33,12 @@ BIDS_FMRILM_THREADS=1 OMP_NUM_THREADS=1 "$BIN/fmrilm" train-tokenizer "$WORK/cor
   --timeseries "$WORK/series" --config cpu --seed "$SEED" --heldout-sites "$HELDOUT" --max-minutes 28
 echo "== 4/5 stage 2: pretrain"
 OMP_NUM_THREADS=2 "$BIN/fmrilm" pretrain "$WORK/corpus.jsonl" "$WORK/tokenizer" "$WORK/pretrain" \
-  --timeseries "$WORK/series" --config cpu --seed "$SEED" --device cpu --quantization none --n-describe 30 \
-  --max-steps 250
+  --timeseries "$WORK/series" --config cpu --seed "$SEED" --device cpu --quantization none --no-eval \
+  --max-steps "$PRETRAIN_STEPS"
 echo "== 5/5 stage 3: instruct"
 OMP_NUM_THREADS=2 "$BIN/fmrilm" instruct "$WORK/corpus.jsonl" "$WORK/pretrain/model" "$WORK/instruct" \
   --timeseries "$WORK/series" --seed "$SEED" --device cpu --quantization none --n-describe 30 \
-  --max-steps 300
+  --max-steps "$INSTRUCT_STEPS"
 
 if [[ "${2:-}" == "--install" ]]; then
   rm -rf "$HERE/bids_fmrilm/data/model"

@@ -74,9 +74,17 @@ def test_stages_log_losses_and_write_checkpoints(trained):
     for stage in ("pre", "ins"):
         model = root / stage / "model"
         for f in ("fmrilm.json", "README.md", "projector.safetensors", "fmri_head.safetensors",
-                  "tokenizer/tokenizer.safetensors", "adapter/adapter_model.safetensors"):
+                  "tokenizer/tokenizer.safetensors", "adapter/adapter_model.safetensors", "readout.safetensors",
+                  "readout.json"):
             assert (model / f).is_file(), f
     meta = json.loads((root / "ins" / "model" / "fmrilm.json").read_text())
+    # stage 3 keeps the readout stage 2 fitted (same weights), and the card describes it
+    pre_ro = json.loads((root / "pre" / "model" / "readout.json").read_text())
+    assert json.loads((root / "ins" / "model" / "readout.json").read_text()) == pre_ro
+    assert meta["files"]["readout.safetensors"] == json.loads(
+        (root / "pre" / "model" / "fmrilm.json").read_text())["files"]["readout.safetensors"]
+    assert meta["readout"]["values"] == len(pre_ro["names"]) and "diagnosis:TD" in pre_ro["names"]
+    assert "## Run readout" in (root / "ins" / "model" / "README.md").read_text()
     assert meta["stage"] == "instruct" and meta["training"]["heldout_sites"] == ["C"]
     assert {"pretrain", "instruct"} <= set(meta["training"])
     names = [t["name"] for t in meta["tasks"]]
@@ -221,11 +229,18 @@ def test_reload_gives_identical_predictions_and_hashes_are_checked(trained, tmp_
     with pytest.raises((MissingInputError, DataError)):
         FMRILMModel.load(copy, device="cpu")
     meta = json.loads((src / "fmrilm.json").read_text())
-    meta["format_version"] = 99
-    (tmp_path / "v99").mkdir()
-    (tmp_path / "v99" / "fmrilm.json").write_text(json.dumps(meta))
-    with pytest.raises(DataError, match="format version"):
-        FMRILMModel.load(tmp_path / "v99", device="cpu")
+    assert meta["format_version"] == 3 and "readout.safetensors" in meta["files"]
+    for version in (99, 2, 1):  # 1 and 2: the designs without per-region tokens or readout
+        meta["format_version"] = version
+        (tmp_path / f"v{version}").mkdir()
+        (tmp_path / f"v{version}" / "fmrilm.json").write_text(json.dumps(meta))
+        with pytest.raises(DataError, match=f"format version {version} is not supported.*reads 3"):
+            FMRILMModel.load(tmp_path / f"v{version}", device="cpu")
+    # a missing readout is named
+    shutil.copytree(src, tmp_path / "noro")
+    (tmp_path / "noro" / "readout.safetensors").unlink()
+    with pytest.raises(MissingInputError, match="readout.safetensors"):
+        FMRILMModel.load(tmp_path / "noro", device="cpu")
 
 
 def test_resume_continues_from_saved_state(trained, tmp_path):
@@ -541,6 +556,7 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     from bids_fmrilm.levels.fewshot import AdaptSettings, adapt, label_prompt, select_shots
     from bids_fmrilm.model.api import FMRILMModel, PreparedRun
     from bids_fmrilm.model.inference import score_options
+    from bids_fmrilm.model.readout import SIGNAL_STATS
 
     model = trained["root"] / "ins" / "model"
     rng = np.random.default_rng(0)
@@ -550,7 +566,9 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     c = tok.config.code_dim
     runs = [PreparedRun(rng.integers(0, tok.codebook_size, (6, len(coords))),
                         rng.standard_normal(tok.config.embed_dim).astype(np.float32), coords,
-                        feats=rng.standard_normal((6, len(coords), c)).astype(np.float32)) for _ in range(6)]
+                        feats=rng.standard_normal((6, len(coords), c)).astype(np.float32),
+                        run_vec=rng.standard_normal((len(coords), c + 1 + SIGNAL_STATS)).astype(np.float32))
+            for _ in range(6)]
     prompt = label_prompt("group", "classification", ["child", "adult"], tasks)  # words of the tiny vocabulary
     assert prompt.task.answers == ("child", "adult") and prompt.task.name == "label:group"
     assert label_prompt("diagnosis", "classification", ["ASD", "TD"], tasks).task.name == "diagnosis"
@@ -562,7 +580,8 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     # a training crop is max_patches long and inside the run; without rng, the first patches
     n = m1.max_patches
     long = PreparedRun(np.arange(n + 3)[:, None].repeat(len(coords), 1), runs[0].run_emb, coords,
-                       feats=np.arange(n + 3, dtype=np.float32)[:, None, None].repeat(len(coords), 1).repeat(c, 2))
+                       feats=np.arange(n + 3, dtype=np.float32)[:, None, None].repeat(len(coords), 1).repeat(c, 2),
+                       run_vec=runs[0].run_vec)
     crops = [m1.block(long, rng=np.random.default_rng(s)) for s in range(40)]
     assert {int(b.ids[0, 0]) for b in crops} == {0, 1, 2, 3} and int(m1.block(long).ids[0, 0]) == 0
     assert all(torch.equal(b.feats[:, 0, 0].long(), b.ids[:, 0]) for b in crops)  # features cropped with the ids

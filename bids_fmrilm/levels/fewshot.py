@@ -96,8 +96,9 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
             coords_cache[key] = roi_coordinates(Path(output_dir), key[0], list(df.columns)).astype(np.float32)
         emb = np.asarray(side["TokenizerRunEmbedding"], np.float32)
         ids = df.to_numpy(np.int64)
-        feats = None if encoder is None else _run_features(encoder, tsv, ids, coords_cache[key])
-        runs.setdefault(label, []).append(PreparedRun(ids, emb, coords_cache[key], source=str(tsv), feats=feats))
+        feats, vec = (None, None) if encoder is None else _run_features(encoder, tsv, ids, coords_cache[key])
+        runs.setdefault(label, []).append(PreparedRun(ids, emb, coords_cache[key], source=str(tsv), feats=feats,
+                                                      run_vec=vec))
     if foreign and not runs:
         raise DataError(f"the participant level's tokens were written by model(s) {', '.join(foreign)}, not by "
                         f"{meta.get('id')}", path=output_dir,
@@ -108,8 +109,10 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
     return runs
 
 
-def _run_features(tokenizer, tokens_tsv: Path, ids: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """Encoder features of the series written beside a tokens file; they must give its ids."""
+def _run_features(tokenizer, tokens_tsv: Path, ids: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Encoder features of the series written beside a tokens file (they must give its ids) and
+    the run vector of the readout."""
+    from ..model.readout import run_vector
     from ..signals.pipeline import read_roi_timeseries
     from ..tokenizer.data import scale_run
 
@@ -118,11 +121,13 @@ def _run_features(tokenizer, tokens_tsv: Path, ids: np.ndarray, coords: np.ndarr
         raise DataError("the tokens have no cleaned series beside them, and this model reads encoder features",
                         path=series, fix="re-run the participant level (it writes the series with the tokens)")
     ts, _ = read_roi_timeseries(series)
-    feats = tokenizer.features(scale_run(ts), coords, source=series)
+    scaled, log_scale = scale_run(ts, return_log_scale=True)
+    feats = tokenizer.features(scaled, coords, source=series)
     if feats.shape[:2] != ids.shape or not np.array_equal(tokenizer.ids_of(feats), ids):
         raise DataError("the series beside the tokens do not give the same token ids", path=series,
                         fix="re-run the participant level with --force")
-    return feats
+    return feats, run_vector(feats, tokenizer.patch_lengths(len(scaled)), log_scale, scaled,
+                             float(tokenizer.meta.get("tr", 2.0)))
 
 
 # ------------------------------------------------------------------------------------ label -> task

@@ -178,13 +178,14 @@ def compute_fmrilm(model: LoadedModel, item: dict[str, Any]) -> None:
     outputs do not depend on which other runs were selected: padding a batch of runs of different
     lengths changes results in the 6th digit.
     """
-    from ..model.inference import embed_blocks, generate_descriptions, score_options
+    from ..model.inference import embed_blocks, generate_descriptions, score_options, score_tasks
 
     api = model.api
     blk = api.block(item["prepared"])
     item["embedding"] = embed_blocks(api.fm, [blk])[0]
     item["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"])[0]
-    item["predictions"] = {name: score_options(api.fm, [blk], task)[0] for name, task in api.tasks.items()}
+    probas = score_tasks(api.fm, [blk], list(api.tasks.values()))  # one pass for every task
+    item["predictions"] = {name: p[0] for name, p in zip(api.tasks, probas)}
     if model.adapter_task is not None:
         key, task = model.adapter_task
         api.fm.llm.set_adapter("label")

@@ -23,13 +23,15 @@ import torch
 
 from ..errors import DataError, UsageError
 from .fmrilm import FMRIBlock, fmri_block
+from .readout import run_vector
 from .tasks import Task
 
 
 @dataclass
 class PreparedRun:
     """A tokenized run: ids (n_patches, R), run embedding, ROI centroids (R, 3) and, when it was
-    tokenized here, the robust-scaled series and the encoder features (n_patches, R, c) (``None``
+    tokenized here, the robust-scaled series, the encoder features (n_patches, R, c) and the run
+    vector (R, c + 1) the readout reads (:func:`~bids_fmrilm.model.readout.run_vector`) (``None``
     for tokens read back from the participant level's outputs: forecasting needs the series, and
     a checkpoint that reads features needs them)."""
 
@@ -39,6 +41,7 @@ class PreparedRun:
     scaled: np.ndarray | None = None
     source: str = ""
     feats: np.ndarray | None = None
+    run_vec: np.ndarray | None = None
 
 
 def _find_roi_table(path: Path) -> Path | None:
@@ -105,7 +108,9 @@ class FMRILMModel:
                 raise UsageError("a run is a *_timeseries.tsv[.gz] path, a PreparedRun or a (series, coords) pair") from None
         coords = np.asarray(coords, dtype=np.float32)
         res = self.tokenizer.tokenize(np.asarray(ts, dtype=float), coords, source=source or None)
-        return PreparedRun(res["ids"], res["embedding"], coords, res["scaled"], source, res["features"])
+        return PreparedRun(res["ids"], res["embedding"], coords, res["scaled"], source, res["features"],
+                           run_vector(res["features"], self.tokenizer.patch_lengths(len(res["scaled"])),
+                                      res["log_scale"], res["scaled"], float(self.meta.get("tr", 2.0))))
 
     def _roi(self, coords: np.ndarray) -> torch.Tensor:
         key = np.ascontiguousarray(coords, dtype=np.float32).tobytes()
@@ -121,10 +126,16 @@ class FMRILMModel:
         if self.fm.cfg.fmri_input == "features" and run.feats is None:
             raise UsageError("this checkpoint reads the tokenizer's encoder features, and the run has tokens only",
                              path=run.source or None, fix="pass the run's *_timeseries.tsv.gz or a (series, coords) pair")
+        readout = None
+        if self.fm.readout is not None:
+            if run.run_vec is None:
+                raise UsageError("this checkpoint reads a run readout, and the run has tokens only",
+                                 path=run.source or None, fix="pass the run's *_timeseries.tsv.gz or a (series, coords) pair")
+            readout = self.fm.readout.vector(run.run_vec, run.coords)
         n = len(run.ids) - drop_last
         start = max(0, n - self.max_patches) if last else 0
         feats = None if run.feats is None else run.feats[start:n]
-        return fmri_block(run.ids[start:n], self._roi(run.coords), run.run_emb, self.max_patches, rng, feats)
+        return fmri_block(run.ids[start:n], self._roi(run.coords), run.run_emb, self.max_patches, rng, feats, readout)
 
     # ----------------------------------------------------------------------------- outputs
     def embed(self, run: Any) -> np.ndarray:

@@ -70,6 +70,18 @@ def model_card(meta: dict[str, Any]) -> str:
         if s:
             lines.append(f"- {stage}: {s['steps']} steps, {s['n_train_runs']} runs, seed {s['seed']}, "
                          f"{s['train_wall_s']} s on {s['device']} (quantization {s['quantization']})")
+    ro = meta.get("readout")
+    if ro:
+        cf = ro.get("crossfit") or {}
+        shown = [f"{n} {k} {_fmt(v)}" for n, d in cf.items() for k, v in d.items()
+                 if not n.startswith("z:") or n.split(":", 1)[1] in {"fc_within.mean", "fc_between.mean"}]
+        lines += ["", "## Run readout",
+                  f"The LLM reads one position carrying the run readout: {ro.get('n_components')} whitened principal",
+                  f"components of the tokenizer's run vector and {ro.get('values', 0) - ro.get('n_components', 0)} linear "
+                  "scores (phenotype log-odds, age, descriptor z-scores),",
+                  f"fitted on {ro.get('n_train_runs')} training runs of {ro.get('n_sites')} sites and frozen "
+                  "(model/readout.py). Leave-one-site-out figures of the scores on the training sites: "
+                  + ("; ".join(shown) if shown else "n/a") + "."]
     lines += ["", "## Held-out metrics (site-disjoint)", ""]
     rows = _metric_rows(meta.get("metrics", {}))
     if rows:

@@ -6,6 +6,8 @@
     tokenizer/               the stage-1 tokenizer (tokenizer.json, tokenizer.safetensors)
     projector.safetensors    token codes -> LLM positions, <fmri>/</fmri> markers
     fmri_head.safetensors    next-patch token prediction
+    readout.safetensors      the frozen run readout (model/readout.py) + readout.json (its columns,
+                             cross-fitted figures), when the config has one
     adapter/                 PEFT LoRA adapter (adapter_config.json, adapter_model.safetensors)
     README.md                model card
 
@@ -29,9 +31,10 @@ from ..errors import DataError, MissingInputError
 from .config import FMRILMConfig
 from .tasks import Task
 
-FORMAT_VERSION = 2  # 2: the projector may read encoder features (config fmri_input) of a format-2 tokenizer
-READABLE_VERSIONS = (1, 2)  # 1: codebook vectors of 8-volume patch tokens
+FORMAT_VERSION = 3  # 3: per-region long-window tokenizer features, run readout, optional patch slots
+READABLE_VERSIONS = (3,)  # 1 (8-volume patch codes) and 2 (no readout) carry no usable signal: retrain
 META = "fmrilm.json"
+READOUT_FILES = ("readout.safetensors", "readout.json")
 FILES = ("tokenizer/tokenizer.json", "tokenizer/tokenizer.safetensors", "projector.safetensors",
          "fmri_head.safetensors", "adapter/adapter_config.json", "adapter/adapter_model.safetensors")
 
@@ -97,13 +100,17 @@ def save_checkpoint(out_dir: str | os.PathLike, fm, tokenizer, tasks: list[Task]
             state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
             save_file(state, str(tmp / name), metadata={"format": "pt"})
         fm.llm.save_pretrained(str(tmp / "adapter"))
+        files = list(FILES)
+        if fm.readout is not None:
+            fm.readout.save(tmp)
+            files += [READOUT_FILES[0], READOUT_FILES[1]]
         full = {
             "format_version": FORMAT_VERSION,
             "kind": "bids_fmrilm.fmrilm",
             "config": fm.cfg.to_dict(),
             "tasks": [t.to_dict() for t in tasks],
             **{k: v for k, v in meta.items() if k not in {"format_version", "kind", "config", "tasks", "files"}},
-            "files": {f: sha256(tmp / f) for f in FILES},
+            "files": {f: sha256(tmp / f) for f in files},
         }
         full["id"] = model_id(full)
         (tmp / META).write_text(json.dumps(full, indent=2, default=str))
@@ -136,8 +143,9 @@ def update_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> dict[str
     return meta
 
 
-def read_meta(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
-    """``fmrilm.json`` of a checkpoint, with format version and file hashes checked."""
+def read_meta(path: str | os.PathLike, verify: bool = True, check_format: bool = True) -> dict[str, Any]:
+    """``fmrilm.json`` of a checkpoint, with format version and file hashes checked
+    (``check_format=False`` reads any version's metadata, e.g. to compare held-out figures)."""
     path = Path(path)
     if not (path / META).is_file():
         raise MissingInputError(f"not an fMRI-LM checkpoint ({META} missing)", path=path,
@@ -146,10 +154,11 @@ def read_meta(path: str | os.PathLike, verify: bool = True) -> dict[str, Any]:
         meta = json.loads((path / META).read_text())
     except json.JSONDecodeError as exc:
         raise DataError(f"unreadable {META}: {exc}", path=path / META, fix="re-download or retrain the checkpoint") from None
-    if meta.get("format_version") not in READABLE_VERSIONS:
-        raise DataError(f"checkpoint format version {meta.get('format_version')} is not one of "
-                        f"{', '.join(map(str, READABLE_VERSIONS))}",
-                        path=path / META, fix="use a checkpoint written by this version of bids_fmrilm")
+    if check_format and meta.get("format_version") not in READABLE_VERSIONS:
+        raise DataError(f"checkpoint format version {meta.get('format_version')} is not supported (this version "
+                        f"reads {', '.join(map(str, READABLE_VERSIONS))})",
+                        path=path / META, fix="retrain it with `fmrilm pretrain` and `fmrilm instruct` of this version, "
+                                              "or use the packaged default model")
     if verify:
         for f, h in meta.get("files", {}).items():
             if not (path / f).is_file():
@@ -197,13 +206,24 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
     llm = load_lora(llm, path / "adapter", trainable=trainable)
     tok = Tokenizer.load(path / "tokenizer", device="cpu")
     codebook = tok.model.quantizer.embed.detach().clone()
-    fm = FMRILM(llm, text_tok, codebook, roi_dim=tok.config.d_model, run_dim=tok.config.embed_dim, cfg=cfg)
+    readout = None
+    if cfg.readout:
+        from .readout import Readout
+
+        if not (path / READOUT_FILES[0]).is_file():
+            raise MissingInputError(f"checkpoint file {READOUT_FILES[0]} is missing", path=path,
+                                    fix="copy the complete checkpoint folder")
+        readout = Readout.load(path)
+    fm = FMRILM(llm, text_tok, codebook, roi_dim=tok.config.d_model, run_dim=tok.config.embed_dim, cfg=cfg,
+                readout=readout)
     fm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
     fm.fmri_head.load_state_dict(load_file(str(path / "fmri_head.safetensors")))
     dev = next(llm.parameters()).device
     fm.projector.to(dev)
     fm.fmri_head.to(dev)
     fm.codebook = fm.codebook.to(dev)
+    if fm.readout is not None:
+        fm.readout.to(dev)
     for p in list(fm.projector.parameters()) + list(fm.fmri_head.parameters()):
         p.requires_grad_(trainable)
     tasks = [Task.from_dict(t) for t in meta.get("tasks", [])]

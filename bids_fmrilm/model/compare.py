@@ -35,7 +35,7 @@ def heldout_figures(checkpoint: str | os.PathLike) -> dict[tuple[str, str], tupl
     from .checkpoint import read_meta
 
     path = Path(checkpoint)
-    meta = read_meta(path, verify=False)
+    meta = read_meta(path, verify=False, check_format=False)
     out: dict[tuple[str, str], tuple[float, float | None]] = {}
     tok_json = path / "tokenizer" / "tokenizer.json"
     tok = (json.loads(tok_json.read_text()).get("metrics") or {}).get("heldout") if tok_json.is_file() else None
@@ -108,7 +108,7 @@ def _click_command():
         from .checkpoint import read_meta
 
         table = compare_checkpoints(checkpoint_a, checkpoint_b)
-        ids = [str(read_meta(p, verify=False).get("id")) for p in (checkpoint_a, checkpoint_b)]
+        ids = [str(read_meta(p, verify=False, check_format=False).get("id")) for p in (checkpoint_a, checkpoint_b)]
         click.echo(markdown(table, f"A `{ids[0]}`", f"B `{ids[1]}`"))
         outside = int((table["within_noise"] == False).sum())  # noqa: E712 (None = no sampling error)
         with_se = int(table["within_noise"].notna().sum())

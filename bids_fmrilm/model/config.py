@@ -25,6 +25,8 @@ class FMRILMConfig:
     slots_per_patch: int = 1  # LLM positions per time patch (attention pooling over ROIs)
     max_patches: int = 12  # longer runs: the last max_patches patches (forecast) or a crop (training)
     proj_dim: int = 128  # projector width before the LLM hidden size
+    readout: bool = True  # one more position: the run readout (model/readout.py), fitted at stage 2
+    readout_components: int = 16  # whitened principal components of the run vector in the readout
     head_dim: int = 128  # fMRI head width
     # --- LoRA (PEFT) on attention and MLP projections
     lora_r: int = 8
@@ -41,6 +43,7 @@ class FMRILMConfig:
     w_instruct: float = 1.0
     w_fmri_instruct: float = 0.2  # keep the fMRI head trained during instruction tuning
     describe_fraction_instruct: float = 0.2  # stage-3 examples that stay fMRI -> description (keeps it)
+    questions_per_example: int = 4  # stage-3 questions about one run, each in its own attention branch
     descriptor_questions: tuple[str, ...] = (
         "fc_within.mean", "fc_between.mean", "graph.modularity", "graph.global_efficiency", "falff.mean",
         "fc_within.DefaultMode", "alff.mean",
@@ -75,8 +78,10 @@ CONFIGS: dict[str, FMRILMConfig] = {
                          lora_alpha=8, lora_dropout=0.0, max_text_tokens=24, batch_size=4, lr=3e-3, lr_new=3e-3,
                          warmup_steps=1, pretrain_steps=6, instruct_steps=6, log_every=2, checkpoint_every=3,
                          descriptor_questions=("fc_within.mean", "graph.modularity")),
-    # 32 learned queries per 160-volume window read the region features; runs up to 3 windows
-    "cpu": FMRILMConfig(fmri_input="features", slots_per_patch=32, max_patches=3),
+    # 32 learned queries per 160-volume window read the region features (runs up to 3 windows),
+    # one position the run readout; the packaged default's step counts (about 100 min on 2 cores)
+    "cpu": FMRILMConfig(fmri_input="features", slots_per_patch=32, max_patches=3, pretrain_steps=150,
+                        instruct_steps=150, checkpoint_every=25),
     "paper": FMRILMConfig(name="paper", fmri_input="features", slots_per_patch=64, max_patches=4, proj_dim=512, head_dim=512, lora_r=64,
                           lora_alpha=128, max_text_tokens=384, batch_size=32, lr=2e-4, lr_new=5e-4,
                           warmup_steps=500, pretrain_steps=20_000, instruct_steps=10_000, log_every=50,

@@ -7,13 +7,14 @@ patch, ``H`` LLM hidden size, ``L`` sequence length.
     ids, ``"codes"``) + ROI embeddings (R,d) (frozen tokenizer)
         --Projector: M learned queries attend over ROIs--> (n*M, H) patch slots
     run embedding (tokenizer, language-aligned) --Projector.summary--> (1, H)
-    sequence:  text ... <fmri> slot_1 ... slot_nM summary </fmri> text ...
+    run readout (S,) (model/readout.py: frozen linear scores of the whole run) --Projector.readout--> (1, H)
+    sequence:  text ... <fmri> slot_1 ... slot_nM summary readout </fmri> text ...
         --LLM (LoRA on attention/MLP, QLoRA when 4-bit)--> hidden (L, H)
         hidden at the last slot of patch p --FMRIHead--> logits (R, K) of patch p+1's token ids
         hidden at text positions --lm_head--> next text token
 
-The summary sits after the patch slots, so causal attention keeps the next-patch objective honest
-(no slot sees a summary of patches that follow it). ``<fmri>``/``</fmri>`` are learned vectors,
+The summary and the readout sit after the patch slots, so causal attention keeps the next-patch
+objective honest (no slot sees a summary of patches that follow it). ``<fmri>``/``</fmri>`` are learned vectors,
 not new vocabulary rows, so the checkpoint stays small and the base LLM untouched.
 """
 
@@ -28,21 +29,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import FMRILMConfig
-from .tasks import TEXT
+from .tasks import BRANCH, TEXT
 
 
 @dataclass
 class FMRIBlock:
-    """One run's fMRI input: token ids (n,R), ROI embeddings (R,d), run embedding (e,) and the
-    tokenizer's continuous encoder features (n,R,c) when the checkpoint reads them."""
+    """One run's fMRI input: token ids (n,R), ROI embeddings (R,d), run embedding (e,), the
+    tokenizer's continuous encoder features (n,R,c) when the checkpoint reads them, and the run
+    readout (S,) when it has one (computed from the whole run, before any crop)."""
 
     ids: torch.Tensor
     roi: torch.Tensor
     run_emb: torch.Tensor
     feats: torch.Tensor | None = None
+    readout: torch.Tensor | None = None
 
 
-def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None, feats=None) -> FMRIBlock:
+def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None, feats=None, readout=None) -> FMRIBlock:
     """A run as model input: a random crop of ``max_patches`` patches (``rng`` given, training)
     or its first ``max_patches`` patches (``feats``, when given, cropped alike)."""
     if len(ids) > max_patches:
@@ -50,13 +53,15 @@ def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None, feat
         ids = ids[s:s + max_patches]
         feats = None if feats is None else feats[s:s + max_patches]
     return FMRIBlock(torch.as_tensor(ids, dtype=torch.long), roi, torch.as_tensor(run_emb, dtype=torch.float32),
-                     None if feats is None else torch.as_tensor(np.asarray(feats, dtype=np.float32)))
+                     None if feats is None else torch.as_tensor(np.asarray(feats, dtype=np.float32)),
+                     None if readout is None else torch.as_tensor(np.asarray(readout, dtype=np.float32)))
 
 
 class Projector(nn.Module):
     """Code vectors of a patch's ROIs -> ``M`` LLM positions (attention pooling over ROIs)."""
 
-    def __init__(self, code_dim: int, roi_dim: int, run_dim: int, hidden: int, cfg: FMRILMConfig, emb_rms: float):
+    def __init__(self, code_dim: int, roi_dim: int, run_dim: int, hidden: int, cfg: FMRILMConfig, emb_rms: float,
+                 readout_dim: int = 0):
         super().__init__()
         P, M = cfg.proj_dim, cfg.slots_per_patch
         self.M = M
@@ -66,18 +71,33 @@ class Projector(nn.Module):
         self.slot_pos = nn.Parameter(torch.zeros(M, P))
         self.out = nn.Sequential(nn.LayerNorm(P), nn.Linear(P, 2 * P), nn.GELU(), nn.Linear(2 * P, hidden))
         self.summary = nn.Sequential(nn.LayerNorm(run_dim), nn.Linear(run_dim, 2 * P), nn.GELU(), nn.Linear(2 * P, hidden))
+        if readout_dim:
+            # a linear map around a learned anchor: the LLM's RMS norm keeps the direction, so the
+            # anchor keeps each score's sign and size readable after normalisation
+            self.readout_in = nn.Linear(readout_dim, hidden)
+            nn.init.normal_(self.readout_in.weight, std=0.5 / math.sqrt(readout_dim * hidden))
+            nn.init.normal_(self.readout_in.bias, std=1.0 / math.sqrt(hidden))
         self.markers = nn.Parameter(torch.randn(2, hidden) * emb_rms)  # <fmri>, </fmri>
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.scale = nn.Parameter(torch.tensor(float(emb_rms)))  # match the word embeddings' size
 
-    def forward(self, codes: torch.Tensor, roi: torch.Tensor, run_emb: torch.Tensor) -> torch.Tensor:
-        """codes (n,R,c), roi (R,d), run_emb (e,) -> (2 + n*M + 1, H): markers, slots, summary."""
-        k = self.code_in(codes) + self.roi_in(roi)[None]  # (n,R,P)
-        att = torch.softmax(torch.einsum("nrp,mp->nmr", k, self.queries) / math.sqrt(k.shape[-1]), dim=-1)
-        slots = torch.einsum("nmr,nrp->nmp", att, k) + self.slot_pos  # (n,M,P)
-        slots = self.scale * self.norm(self.out(slots)).reshape(-1, self.markers.shape[1])
-        summ = self.scale * self.norm(self.summary(run_emb[None]))
-        return torch.cat([self.markers[:1], slots, summ, self.markers[1:]])
+    def forward(self, codes: torch.Tensor, roi: torch.Tensor, run_emb: torch.Tensor,
+                readout: torch.Tensor | None = None) -> torch.Tensor:
+        """codes (n,R,c), roi (R,d), run_emb (e,), readout (S,) -> (2 + n*M + 1 [+ 1], H):
+        markers, slots, summary [, readout]."""
+        H = self.markers.shape[1]
+        parts = [self.markers[:1]]
+        if self.M:
+            k = self.code_in(codes) + self.roi_in(roi)[None]  # (n,R,P)
+            att = torch.softmax(torch.einsum("nrp,mp->nmr", k, self.queries) / math.sqrt(k.shape[-1]), dim=-1)
+            slots = torch.einsum("nmr,nrp->nmp", att, k) + self.slot_pos  # (n,M,P)
+            parts.append(self.scale * self.norm(self.out(slots)).reshape(-1, H))
+        parts.append(self.scale * self.norm(self.summary(run_emb[None])))
+        if hasattr(self, "readout_in"):
+            if readout is None:
+                raise ValueError("this fMRI-LM reads a run readout; the block has none")
+            parts.append(self.scale * self.readout_in(readout[None].to(self.markers.dtype)))
+        return torch.cat(parts + [self.markers[1:]])
 
 
 class FMRIHead(nn.Module):
@@ -108,14 +128,17 @@ class FMRIHead(nn.Module):
 class FMRILM(nn.Module):
     """LLM (PEFT-wrapped) + projector + fMRI head. The tokenizer stays outside (frozen)."""
 
-    def __init__(self, llm, text_tokenizer, codebook: torch.Tensor, roi_dim: int, run_dim: int, cfg: FMRILMConfig):
+    def __init__(self, llm, text_tokenizer, codebook: torch.Tensor, roi_dim: int, run_dim: int, cfg: FMRILMConfig,
+                 readout=None):
         super().__init__()
         self.cfg, self.llm, self.text_tokenizer = cfg, llm, text_tokenizer
         H = llm.config.hidden_size
         wemb = llm.get_input_embeddings().weight
         emb_rms = float(wemb.detach().float().pow(2).mean().sqrt()) * math.sqrt(H)
         self.register_buffer("codebook", codebook.detach().float().clone(), persistent=False)
-        self.projector = Projector(codebook.shape[1], roi_dim, run_dim, H, cfg, emb_rms)
+        self.readout = readout  # model.readout.Readout (frozen) or None
+        self.projector = Projector(codebook.shape[1], roi_dim, run_dim, H, cfg, emb_rms,
+                                   readout_dim=0 if readout is None else readout.dim)
         self.fmri_head = FMRIHead(H, roi_dim, codebook.shape[1], cfg, codebook.shape[0])
 
     # ------------------------------------------------------------------ helpers
@@ -139,16 +162,27 @@ class FMRILM(nn.Module):
     def build(self, examples: list[list[tuple]], blocks: list[FMRIBlock], max_text_tokens: int | None = None):
         """Token ids, input embeddings and bookkeeping of a batch of segment lists (right padded).
 
+        A ``(BRANCH,)`` segment starts a branch: what follows it, up to the next branch, attends to
+        the shared prefix (everything before the first branch) and to itself only, at the positions
+        it would have right after the prefix. Several questions (or answers) about one fMRI block
+        thus cost one pass over the block, and each is scored as if asked alone.
+
         Returns a dict with ``embeds`` (B,L,H), ``mask`` (B,L), ``targets`` list of (b, pos, token),
         ``fmri`` list of (b, block index, first slot position, n patches), ``fmri_spans`` list of
-        (b, start, end) for pooling.
+        (b, start, end) for pooling, and ``branches`` {b: (prefix length, [(start, end), ...])}.
         """
         dev = self.codebook.device
         wemb = self.llm.get_input_embeddings()
-        rows, targets, fmri, spans = [], [], [], []
+        rows, targets, fmri, spans, branches = [], [], [], [], {}
         for b, segs in enumerate(examples):
             pieces, pos = [], 0
             for seg in segs:
+                if seg[0] == BRANCH:
+                    prefix, spans_b = branches.setdefault(b, (pos, []))
+                    if spans_b:
+                        spans_b[-1] = (spans_b[-1][0], pos)
+                    spans_b.append((pos, pos))
+                    continue
                 if seg[0] == TEXT:
                     ids = self._encode_text(seg[1])
                     if seg[2] and max_text_tokens:
@@ -158,11 +192,20 @@ class FMRILM(nn.Module):
                     t = torch.tensor(ids, device=dev)
                     pieces.append(wemb(t))
                     if seg[2]:  # a target: predicted from the position before each token
-                        targets += [(b, pos + j - 1, tok) for j, tok in enumerate(ids) if pos + j > 0]
+                        start = branches[b][1][-1][0] if b in branches else 0
+                        for j, tok in enumerate(ids):
+                            q = pos + j - 1
+                            if q < start:  # a branch's first token follows the shared prefix
+                                q = branches[b][0] - 1 if b in branches else -1
+                            if q >= 0:
+                                targets.append((b, q, tok))
                     pos += len(ids)
                 else:
+                    if b in branches:
+                        raise ValueError("fMRI blocks belong to the shared prefix, before any branch")
                     blk = blocks[seg[1]]
-                    v = self.projector(self.fmri_input(blk), blk.roi.to(dev), blk.run_emb.to(dev))
+                    ro = None if blk.readout is None else blk.readout.to(dev)
+                    v = self.projector(self.fmri_input(blk), blk.roi.to(dev), blk.run_emb.to(dev), ro)
                     v = v.to(pieces[0].dtype if pieces else wemb.weight.dtype)
                     n = blk.ids.shape[0]
                     fmri.append((b, seg[1], pos + 1, n))
@@ -170,6 +213,9 @@ class FMRILM(nn.Module):
                     pieces.append(v)
                     pos += v.shape[0]
             rows.append(torch.cat(pieces))
+            if b in branches:
+                sp = branches[b][1]
+                sp[-1] = (sp[-1][0], pos)
         L = max(r.shape[0] for r in rows)
         H = rows[0].shape[1]
         embeds = torch.zeros(len(rows), L, H, device=dev, dtype=rows[0].dtype)
@@ -177,11 +223,31 @@ class FMRILM(nn.Module):
         for b, r in enumerate(rows):
             embeds[b, : r.shape[0]] = r
             mask[b, : r.shape[0]] = 1
-        return {"embeds": embeds, "mask": mask, "targets": targets, "fmri": fmri, "spans": spans}
+        return {"embeds": embeds, "mask": mask, "targets": targets, "fmri": fmri, "spans": spans,
+                "branches": branches}
+
+    @staticmethod
+    def attention(built: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention mask of a built batch: (B,L) padding mask, or with branches a (B,1,L,L)
+        boolean mask (True = may attend) and (B,L) position ids."""
+        mask = built["mask"]
+        if not built.get("branches"):
+            return mask, None
+        B, L = mask.shape
+        dev = mask.device
+        causal = torch.tril(torch.ones(L, L, dtype=torch.bool, device=dev))
+        allow = (causal[None] & mask.bool()[:, None, :]).clone()
+        pos = torch.arange(L, device=dev).repeat(B, 1)
+        for b, (prefix, sp) in built["branches"].items():
+            for s, e in sp:
+                allow[b, s:e, prefix:s] = False  # a branch does not see the branches before it
+                pos[b, s:e] = torch.arange(prefix, prefix + e - s, device=dev)
+        return allow[:, None], pos
 
     def hidden(self, built: dict) -> torch.Tensor:
         backbone, _ = self._backbone()
-        out = backbone(inputs_embeds=built["embeds"], attention_mask=built["mask"])
+        mask, pos = self.attention(built)
+        out = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos)
         return out.last_hidden_state  # (B,L,H), after the final norm
 
     def text_logprobs(self, h: torch.Tensor, targets: list[tuple]) -> torch.Tensor:
@@ -202,6 +268,8 @@ class FMRILM(nn.Module):
         """
         M = self.cfg.slots_per_patch
         out = []
+        if M == 0:  # no patch positions: nothing to forecast from
+            return out
         for b, j, first, n in built["fmri"]:
             m = n if include_last else n - 1
             if m < 1:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .fmrilm import FMRILM, FMRIBlock
-from .tasks import TEXT, Task, describe_segments, few_shot_segments, instruction_segments
+from .tasks import BRANCH, FMRI, TEXT, Task, describe_segments, few_shot_segments
 
 
 def _chunks(n: int, size: int):
@@ -27,28 +27,62 @@ def score_options(fm: FMRILM, blocks: Sequence[FMRIBlock], task: Task, batch_siz
     Each answer's score is the summed log-probability of its tokens after the prompt; a softmax
     over the allowed answers turns scores into probabilities (constrained decoding: the model
     cannot answer outside the task's answers). With ``shots`` ((index into ``shot_blocks``,
-    answer) pairs) the prompt is few-shot.
+    answer) pairs) the prompt is few-shot. The answers of a run are branches after one shared
+    prompt (one pass over the fMRI block for all of them).
+    """
+    return score_tasks(fm, blocks, [task], batch_size, shots, shot_blocks)[0]
+
+
+@torch.no_grad()
+def score_tasks(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task], batch_size: int = 8,
+                shots: Sequence[tuple[int, str]] | None = None,
+                shot_blocks: Sequence[FMRIBlock] = ()) -> list[np.ndarray]:
+    """:func:`score_options` of several tasks, one (n_runs, n_answers) array per task.
+
+    Without shots, every (task, answer) of a run is a branch after the run's fMRI block (each
+    sees the block and its own question only), so a run costs one forward pass for all tasks.
     """
     fm.eval()
     all_blocks = list(shot_blocks) + list(blocks)
     off = len(shot_blocks)
-    pairs = [(i, a) for i in range(len(blocks)) for a in range(len(task.answers))]
-    scores = np.zeros((len(blocks), len(task.answers)))
-    for chunk in _chunks(len(pairs), batch_size):
-        examples = []
-        for k in chunk:
-            i, a = pairs[k]
-            segs = (few_shot_segments(task, shots, off + i) if shots else instruction_segments(task, off + i))
-            examples.append(segs + [(TEXT, " " + task.answers[a], True)])
-        built = fm.build(examples, all_blocks)
-        lp = fm.text_logprobs(fm.hidden(built), built["targets"]).float().cpu().numpy()
-        rows = np.array([t[0] for t in built["targets"]])
-        for b, k in enumerate(chunk):
-            i, a = pairs[k]
-            scores[i, a] = lp[rows == b].sum()
-    scores -= scores.max(1, keepdims=True)
-    p = np.exp(scores)
-    return p / p.sum(1, keepdims=True)
+    n_tok = [[len(fm._encode_text(" " + a)) for a in t.answers] for t in tasks]
+    scores = [np.zeros((len(blocks), len(t.answers))) for t in tasks]
+    if shots:  # few-shot: a separate sequence per (run, answer)
+        for ti, task in enumerate(tasks):
+            pairs = [(i, a) for i in range(len(blocks)) for a in range(len(task.answers))]
+            for chunk in _chunks(len(pairs), batch_size):
+                examples = [few_shot_segments(task, shots, off + pairs[k][0]) + [(TEXT, " " + task.answers[pairs[k][1]], True)]
+                            for k in chunk]
+                built = fm.build(examples, all_blocks)
+                lp = fm.text_logprobs(fm.hidden(built), built["targets"]).float().cpu().numpy()
+                rows = np.array([t[0] for t in built["targets"]])
+                for b, k in enumerate(chunk):
+                    scores[ti][pairs[k]] = lp[rows == b].sum()
+    else:
+        for chunk in _chunks(len(blocks), batch_size):
+            examples = []
+            for i in chunk:
+                segs: list[tuple] = [(FMRI, off + i)]
+                for task in tasks:
+                    for a in task.answers:
+                        segs += [(BRANCH,), (TEXT, "\n" + task.prompt_text(), False), (TEXT, " " + a, True)]
+                examples.append(segs)
+            built = fm.build(examples, all_blocks)
+            lp = fm.text_logprobs(fm.hidden(built), built["targets"]).float().cpu().numpy()
+            rows = np.array([t[0] for t in built["targets"]])
+            for b, i in enumerate(chunk):
+                vals, k = lp[rows == b], 0
+                for ti, counts in enumerate(n_tok):
+                    for a, c in enumerate(counts):
+                        scores[ti][i, a] = vals[k:k + c].sum()
+                        k += c
+                assert k == len(vals), "answer tokens and targets disagree"
+    out = []
+    for sc in scores:
+        sc = sc - sc.max(1, keepdims=True)
+        p = np.exp(sc)
+        out.append(p / p.sum(1, keepdims=True))
+    return out
 
 
 @torch.no_grad()

@@ -116,6 +116,7 @@ def label_task(name: str, answers: Sequence[str], question: str | None = None) -
 # ----------------------------------------------------------------------------------- segments
 FMRI = "fmri"
 TEXT = "text"
+BRANCH = "branch"  # starts a branch that sees the shared prefix but not the branches before it
 
 
 def instruction_segments(task: Task, run_index: int, answer: str | None = None) -> list[tuple]:
@@ -123,6 +124,18 @@ def instruction_segments(task: Task, run_index: int, answer: str | None = None) 
     segs: list[tuple] = [(FMRI, run_index), (TEXT, "\n" + task.prompt_text(), False)]
     if answer is not None:
         segs.append((TEXT, " " + answer, True))
+    return segs
+
+
+def multi_instruction_segments(run_index: int, qa: Sequence[tuple[Task, str | None]]) -> list[tuple]:
+    """One fMRI block and several questions, each in its own branch (see
+    :meth:`~bids_fmrilm.model.fmrilm.FMRILM.build`): every question sees the block but no other
+    question or answer, exactly as when asked alone, for the cost of one pass over the block.
+    An answer of None leaves the question unanswered (scoring)."""
+    segs: list[tuple] = [(FMRI, run_index)]
+    for task, answer in qa:
+        segs.append((BRANCH,))
+        segs += instruction_segments(task, run_index, answer)[1:]
     return segs
 
 

@@ -54,18 +54,20 @@ def fc_logistic(fc_train: np.ndarray, y_train: np.ndarray, fc_test: np.ndarray, 
 
 def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray, test_idx: np.ndarray,
                      roi: torch.Tensor, seed: int = 0, n_describe: int = 40, stage: str = "instruct",
-                     log: Callable[[str], None] = print, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+                     log: Callable[[str], None] = print, previous: dict[str, Any] | None = None,
+                     readouts: np.ndarray | None = None) -> dict[str, Any]:
     """All held-out figures of a trained model (see module docstring).
 
     ``previous``: the evaluation of an earlier stage on the same split; its FC baselines (which do
-    not depend on the model) are reused instead of refitted.
+    not depend on the model) are reused instead of refitted. ``readouts`` (N, S): the runs' run
+    readouts, when the model reads one.
     """
     from ..descriptors.text import level_of, parse_levels
-    from ..model.inference import generate_descriptions, next_patch_logits, score_options
+    from ..model.inference import generate_descriptions, next_patch_logits, score_tasks
     from .lm import make_block
 
     cfg = fm.cfg
-    blocks = [make_block(data, int(i), roi, cfg.max_patches) for i in test_idx]
+    blocks = [make_block(data, int(i), roi, cfg.max_patches, readouts=readouts) for i in test_idx]
     res: dict[str, Any] = {"n_heldout_runs": int(len(test_idx))}
 
     # ---- next-patch token prediction
@@ -94,6 +96,7 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
 
     # ---- constrained-answer tasks vs FC logistic regression and majority
     res["tasks"] = {}
+    all_proba = dict(zip([t.name for t in tasks], score_tasks(fm, blocks, tasks)))
     for task in tasks:
         y_test = [task.answer_for(data.phenotype[i], data.z[i]) for i in test_idx]
         y_train = [task.answer_for(data.phenotype[i], data.z[i]) for i in train_idx]
@@ -104,8 +107,7 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
         ai = {a: k for k, a in enumerate(task.answers)}
         yt = np.array([ai[a] for a in np.array(y_test, dtype=object)[keep]])
         ytr = np.array([ai[a] for a in np.array(y_train, dtype=object)[keep_tr]])
-        sel = [b for b, k in zip(blocks, keep) if k]
-        proba = score_options(fm, sel, task)
+        proba = all_proba[task.name][keep]
         entry: dict[str, Any] = {"n": int(keep.sum()), "class_counts": {a: int((yt == k).sum()) for a, k in ai.items()}}
         entry["fmrilm"] = _task_metrics(yt, proba)
         majority = int(np.bincount(ytr, minlength=len(task.answers)).argmax())

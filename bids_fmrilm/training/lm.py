@@ -30,7 +30,8 @@ import torch
 from ..errors import MissingInputError, UsageError
 from ..model.config import FMRILMConfig, get_config
 from ..model.fmrilm import FMRIBlock, fmri_block
-from ..model.tasks import Task, default_tasks, describe_segments, instruction_segments, text_segments
+from ..model.tasks import (Task, default_tasks, describe_segments, instruction_segments, multi_instruction_segments,
+                           text_segments)
 from .schedule import warmup_cosine
 
 TRAINER = "trainer"
@@ -52,6 +53,7 @@ class LMData:
     coords: np.ndarray  # (R,3) ROI centroids (one atlas per corpus)
     atlas: str
     feats: list[np.ndarray] | None = None  # (n_patches, R, c) float16 encoder features
+    run_vec: list[np.ndarray] | None = None  # (R, c + 1) run vectors (model.readout.run_vector)
 
 
 def _corpus_lines(corpus_jsonl: str | os.PathLike) -> list[dict]:
@@ -68,6 +70,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
                  log: Callable[[str], None] = print, cache: bool = True) -> LMData:
     """Tokenize every corpus run found in ``timeseries_dir`` (cached by corpus, folder and tokenizer)."""
     from ..model.llm import cache_dir
+    from ..model.readout import run_vector
     from ..tokenizer.data import load_timeseries_dir, parse_entities, run_key
     from .tokenizer import run_fc
 
@@ -83,7 +86,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
     # the tokenizer's identity: a checksum of its weights and codebook
     wsum = float(sum(float(p.detach().double().abs().sum()) for p in tokenizer.model.state_dict().values()
                      if p.is_floating_point()))
-    blob = f"features|{Path(corpus_jsonl).resolve()}|{st.st_size}|{st.st_mtime_ns}|{Path(timeseries_dir).resolve()}|{wsum:.12e}"
+    blob = f"features+runvec3|{Path(corpus_jsonl).resolve()}|{st.st_size}|{st.st_mtime_ns}|{Path(timeseries_dir).resolve()}|{wsum:.12e}"
     path = cache_dir() / "lm_data" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.pt"
     if cache and path.is_file():
         log(f"tokenized runs from cache {path}")
@@ -96,11 +99,12 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
     if len(atlases) > 1:
         raise UsageError(f"runs of several atlases ({', '.join(sorted(atlases))}) in one corpus",
                          fix="train on one atlas (select runs with the corpus)")
-    ids, embs, fcs, feats = [], [], [], []
+    ids, embs, fcs, feats, vecs = [], [], [], [], []
     t0 = time.time()
     for r in runs:
         f = tokenizer.features(r.ts, r.coords, source=r.path)
         feats.append(f.astype(np.float16))
+        vecs.append(run_vector(f, tokenizer.patch_lengths(len(r.ts)), r.log_scale, r.ts, float(tokenizer.meta.get("tr", 2.0))))
         ids.append(tokenizer.ids_of(f).astype(np.int16))
         embs.append(tokenizer.embed_run(r.ts, r.coords, source=r.path, log_scale=r.log_scale))
         fcs.append(run_fc(r.ts).astype(np.float16))
@@ -111,7 +115,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
         ids=ids, run_emb=np.stack(embs).astype(np.float32), texts=[ln["text"] for ln in lines_of],
         z=[ln.get("z") or {} for ln in lines_of], phenotype=[ln.get("phenotype") or {} for ln in lines_of],
         fc=np.stack(fcs), coords=np.asarray(runs[0].coords, dtype=np.float32), atlas=runs[0].atlas,
-        feats=feats,
+        feats=feats, run_vec=vecs,
     )
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -131,10 +135,33 @@ def split_sites(data: LMData, heldout_sites: Sequence[str]) -> tuple[np.ndarray,
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
-def make_block(data: LMData, i: int, roi: torch.Tensor, max_patches: int, rng: np.random.Generator | None = None) -> FMRIBlock:
-    """Run ``i`` as a model input: a random crop (training) or the first ``max_patches`` patches."""
+def make_block(data: LMData, i: int, roi: torch.Tensor, max_patches: int, rng: np.random.Generator | None = None,
+               readouts: np.ndarray | None = None) -> FMRIBlock:
+    """Run ``i`` as a model input: a random crop (training) or the first ``max_patches`` patches;
+    ``readouts`` (N, S): the runs' readouts (cross-fitted for training runs)."""
     feats = None if data.feats is None else data.feats[i]
-    return fmri_block(data.ids[i].astype(np.int64), roi, data.run_emb[i], max_patches, rng, feats)
+    return fmri_block(data.ids[i].astype(np.int64), roi, data.run_emb[i], max_patches, rng, feats,
+                      None if readouts is None else readouts[i])
+
+
+def run_readouts(data: LMData, train_idx: np.ndarray, tasks: Sequence[Task], cfg: FMRILMConfig, seed: int = 0,
+                 log: Callable[[str], None] = print):
+    """Fit the run readout on the training runs: (Readout, readouts (N, S)) where training runs
+    have cross-fitted readouts (their site's models never saw them) and the others the readout's."""
+    from ..model.readout import default_targets, fit_readout
+
+    if data.run_vec is None:
+        raise UsageError("the tokenized runs have no run vectors", fix="rebuild them (delete the lm_data cache)")
+    t0 = time.time()
+    tr = [int(i) for i in train_idx]
+    targets = default_targets(tasks, [data.z[i] for i in tr], [data.phenotype[i] for i in tr])
+    fit = fit_readout([data.run_vec[i] for i in tr], data.coords, [data.sites[i] for i in tr],
+                      [data.phenotype[i] for i in tr], [data.z[i] for i in tr], targets,
+                      n_components=cfg.readout_components, seed=seed, log=log)
+    out = np.stack([fit.readout.vector(v, data.coords) for v in data.run_vec])
+    out[tr] = fit.crossfit
+    log(f"readout fitted in {time.time() - t0:.0f} s ({fit.readout.dim} values per run)")
+    return fit.readout, out
 
 
 # ------------------------------------------------------------------------------------ examples
@@ -146,16 +173,20 @@ def stage2_example(data: LMData, i: int, j: int, cfg: FMRILMConfig, rng: np.rand
 
 
 def stage3_example(data: LMData, i: int, j: int, tasks: Sequence[Task], rng: np.random.Generator,
-                   describe_fraction: float = 0.0):
-    """An instruction on a task run ``i`` has an answer for (None when it has none); a share of
-    ``describe_fraction`` stays fMRI -> description so that stage 3 keeps what stage 2 taught."""
+                   describe_fraction: float = 0.0, questions: int = 1):
+    """Instructions on up to ``questions`` tasks run ``i`` has answers for, each in its own
+    branch (None when it has none); a share of ``describe_fraction`` stays fMRI -> description so
+    that stage 3 keeps what stage 2 taught."""
     if describe_fraction > 0 and rng.random() < describe_fraction:
         return describe_segments(j, data.texts[i]), "describe"
     options = [(t, a) for t in tasks if (a := t.answer_for(data.phenotype[i], data.z[i])) is not None]
     if not options:
         return None, None
-    t, a = options[int(rng.integers(len(options)))]
-    return instruction_segments(t, j, a), "instruct"
+    pick = rng.permutation(len(options))[: max(1, questions)]
+    if len(pick) == 1:
+        t, a = options[int(pick[0])]
+        return instruction_segments(t, j, a), "instruct"
+    return multi_instruction_segments(j, [options[int(k)] for k in pick]), "instruct"
 
 
 # ------------------------------------------------------------------------------------ training
@@ -211,11 +242,7 @@ def train_stage(
                              fix="pass the OUT_DIR of `fmrilm train-tokenizer`")
         tok = Tokenizer.load(init)
         cfg = get_config(config, **overrides)
-        llm, text_tok = load_base_llm(base_llm, device=dev, quantization=quantization)
-        llm = add_lora(llm, cfg)
-        codebook = tok.model.quantizer.embed.detach().clone()
-        torch.manual_seed(seed)
-        fm = FMRILM(llm, text_tok, codebook, roi_dim=tok.config.d_model, run_dim=tok.config.embed_dim, cfg=cfg)
+        fm = None  # built once the readout is fitted on the training runs
         base_id = base_llm_id_and_hash(base_llm)
     else:
         if not is_checkpoint(init):
@@ -225,8 +252,6 @@ def train_stage(
         cfg = get_config(FMRILMConfig.from_dict({**prev_meta["config"], **overrides}))
         fm.cfg = cfg
         base_id = (prev_meta["base_llm"]["id"], prev_meta["base_llm"].get("hash", ""))
-    fm.to(dev)
-    fm.codebook = fm.codebook.to(dev)
 
     # ---- data and the site-disjoint split
     data = prepare_data(corpus_jsonl, timeseries_dir, tok, log=log)
@@ -239,6 +264,31 @@ def train_stage(
     if stage == "instruct":
         train_idx = np.array([i for i in train_idx if any(t.answer_for(data.phenotype[i], data.z[i]) for t in tasks)])
     log(f"{stage}: {len(train_idx)} training runs, {len(test_idx)} held-out runs (sites {', '.join(held) or 'none'})")
+
+    # ---- the run readout: fitted at stage 2 on its training runs; stage 3 re-derives the
+    # cross-fitted readouts of the same runs (deterministic) and keeps the checkpoint's readout
+    readouts = None
+    if cfg.readout:
+        fit_idx = np.flatnonzero(~np.isin(np.arange(len(data.keys)), test_idx))
+        readout, readouts = run_readouts(data, fit_idx, default_tasks(cfg.descriptor_questions), cfg, seed, log)
+        if stage == "instruct":
+            if fm.readout is None:
+                raise UsageError("the stage-2 checkpoint has no run readout but its config asks for one", path=init)
+            if not torch.allclose(fm.readout.weight.cpu(), readout.weight, atol=1e-4):
+                log("warning: the readout refitted on these runs differs from the checkpoint's (another corpus?); "
+                    "the checkpoint's is kept")
+            keep = np.isin(np.arange(len(data.keys)), fit_idx)
+            readouts[~keep] = np.stack([fm.readout.vector(data.run_vec[i], data.coords) for i in np.flatnonzero(~keep)])
+            readout = fm.readout
+    if fm is None:
+        llm, text_tok = load_base_llm(base_llm, device=dev, quantization=quantization)
+        llm = add_lora(llm, cfg)
+        codebook = tok.model.quantizer.embed.detach().clone()
+        torch.manual_seed(seed)
+        fm = FMRILM(llm, text_tok, codebook, roi_dim=tok.config.d_model, run_dim=tok.config.embed_dim, cfg=cfg,
+                    readout=readout if cfg.readout else None)
+    fm.to(dev)
+    fm.codebook = fm.codebook.to(dev)
     with torch.no_grad():
         roi = tok.model.roi_embed(torch.from_numpy(data.coords)).detach().to(dev)
 
@@ -290,10 +340,11 @@ def train_stage(
                 if stage == "pretrain":
                     segs, kind = stage2_example(data, i, j, cfg, rng)
                 else:
-                    segs, kind = stage3_example(data, i, j, tasks, rng, cfg.describe_fraction_instruct)
+                    segs, kind = stage3_example(data, i, j, tasks, rng, cfg.describe_fraction_instruct,
+                                                cfg.questions_per_example)
                     if segs is None:
                         continue
-                blocks.append(make_block(data, i, roi, cfg.max_patches, rng))
+                blocks.append(make_block(data, i, roi, cfg.max_patches, rng, readouts))
                 examples.append(segs)
                 kinds.append(kind)
             losses = model(examples, blocks, kinds, weights, fmri_w, cfg.max_text_tokens)
@@ -356,6 +407,8 @@ def train_stage(
                           "probe": tok.meta.get("metrics", {}).get("heldout", {}).get("probe")},
             "metrics": dict(prev_meta.get("metrics", {})),
         }
+        if raw.readout is not None:
+            meta["readout"] = {"values": raw.readout.dim, **raw.readout.info}
         save_checkpoint(out / "model", raw, tok, tasks, meta)
         full = update_metrics(out / "model", {})
         log(f"checkpoint written to {out / 'model'} (id {full['id']})")
@@ -365,7 +418,8 @@ def train_stage(
             prev_eval = next(iter(prev_meta.get("metrics", {}).values()), None) \
                 if prev_meta.get("training", {}).get("heldout_sites") == held else None
             metrics = evaluate_heldout(raw, tok, tasks, data, train_idx, test_idx, roi, seed=seed,
-                                       n_describe=n_describe, stage=stage, log=log, previous=prev_eval)
+                                       n_describe=n_describe, stage=stage, log=log, previous=prev_eval,
+                                       readouts=readouts)
             update_metrics(out / "model", {stage: metrics})
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             log(f"held-out metrics added to {out / 'model' / 'fmrilm.json'} and its model card")

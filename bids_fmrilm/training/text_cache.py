@@ -76,17 +76,25 @@ def cached_text_embeddings(
     if todo:
         from ..model.llm import embed_texts, load_base_llm
 
+        import torch
+
         model, tok = load_base_llm(llm)
         log(f"embedding {len(todo)} descriptor texts with {llm_id} (cached in {cache}.npy)")
         rows = [arr] if arr is not None else []
-        for s in range(0, len(todo), chunk):
-            part = todo[s:s + chunk]
-            rows.append(embed_texts([t for _, t in part], model, tok, batch_size=batch_size, template=template))
-            keys.extend(k for k, _ in part)
-            arr = np.concatenate(rows)
-            rows = [arr]
-            _write(cache, {"llm": llm_id, "llm_hash": llm_hash, "template": template, "keys": keys}, arr)
-            if progress:
-                log(f"  text embeddings {min(s + chunk, len(todo))}/{len(todo)}")
+        # inference of the frozen LLM uses every core, even when training asked for one thread
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+        try:
+            for s in range(0, len(todo), chunk):
+                part = todo[s:s + chunk]
+                rows.append(embed_texts([t for _, t in part], model, tok, batch_size=batch_size, template=template))
+                keys.extend(k for k, _ in part)
+                arr = np.concatenate(rows)
+                rows = [arr]
+                _write(cache, {"llm": llm_id, "llm_hash": llm_hash, "template": template, "keys": keys}, arr)
+                if progress:
+                    log(f"  text embeddings {min(s + chunk, len(todo))}/{len(todo)}")
+        finally:
+            torch.set_num_threads(threads)
         index = {k: i for i, k in enumerate(keys)}
     return arr[[index[k] for k in want]]

@@ -1,0 +1,193 @@
+"""The run readout (model/readout.py) and attention branches (several questions, one fMRI pass)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bids_fmrilm.model.readout import (BANDS_HZ, SIGNAL_STATS, Readout, Target, _affine, default_targets, fit_readout,
+                                      run_vector, signal_statistics, to_reference)
+from bids_fmrilm.model.tasks import DIAGNOSIS, SEX, default_tasks
+
+
+def test_affine_map_equals_the_fitted_pipelines():
+    """The readout stores each sklearn pipeline as one matrix: it must give the pipeline's outputs."""
+    from sklearn.decomposition import PCA
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from bids_fmrilm.levels.crossval import linear_baseline
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((80, 30)) * rng.uniform(0.1, 5, 30) + rng.uniform(-3, 3, 30)
+    y = (X[:, 0] / 5 + rng.standard_normal(80) > 0).astype(int)
+    clf = linear_baseline("classification", y).fit(X, y)
+    W, b = _affine(clf, 30)
+    np.testing.assert_allclose(X @ W[:, 0] + b[0], clf.decision_function(X), rtol=1e-6, atol=1e-8)
+    pca = make_pipeline(StandardScaler(), PCA(5, whiten=True)).fit(X)
+    W, b = _affine(pca, 30)
+    np.testing.assert_allclose(X @ W + b, pca.transform(X), rtol=1e-6, atol=1e-8)
+
+
+def test_run_vector_and_resampling_onto_reference_centroids():
+    feats = np.stack([np.full((3, 2), 1.0), np.full((3, 2), 4.0)]).astype(np.float32)  # 2 windows, 3 ROIs
+    v = run_vector(feats, np.array([160, 40]), np.array([0.5, -np.inf, 1.5]))
+    assert v.shape == (3, 3 + SIGNAL_STATS) and not v[:, 3:].any()  # no series: no signal statistics
+    np.testing.assert_allclose(v[:, 0], 1.0 * 0.8 + 4.0 * 0.2)  # windows weighted by their volumes
+    np.testing.assert_allclose(v[:, 2], [0.5, 1.0, 1.5])  # a zero-variance ROI gets the run's median
+    ref = np.array([[0, 0, 0], [40, 0, 0], [0, 40, 0]], float)
+    vals = np.arange(9, dtype=np.float32).reshape(3, 3)
+    assert to_reference(vals, ref, ref) is vals  # the training atlas: used as is
+    # another atlas: its regions near each reference centroid dominate; unknown centroids are skipped
+    other = np.array([[1, 0, 0], [0, 39, 1], [np.nan, np.nan, np.nan], [41, 1, 0]], float)
+    got = to_reference(np.array([[1, 1, 1], [3, 3, 3], [100, 100, 100], [2, 2, 2]], np.float32), other, ref)
+    np.testing.assert_allclose(got[:, 0], [1, 2, 3], atol=1e-3)
+
+
+def test_signal_statistics_measure_spectrum_autocorrelation_and_connectivity():
+    rng = np.random.default_rng(0)
+    t = np.arange(200) * 2.0
+    slow = np.sin(2 * np.pi * 0.05 * t)  # inside the 0.027-0.073 Hz band
+    x = np.stack([slow + 0.1 * rng.standard_normal(200), slow + 0.1 * rng.standard_normal(200),
+                  rng.standard_normal(200), np.zeros(200)], axis=1)
+    st = signal_statistics(x, 2.0)
+    nb = len(BANDS_HZ) - 1
+    assert st.shape == (4, SIGNAL_STATS) and not st[3].any()  # a zero-variance region: zeros
+    assert np.argmax(st[0, :nb]) == 2 and np.argmax(st[1, :nb]) == 2
+    assert st[0, nb] > 0.7 and abs(st[2, nb]) < 0.2  # lag-1 autocorrelation: slow vs white
+    strength, spread = st[:3, nb + 1], st[:3, nb + 2]
+    assert strength[0] > 0.5 > abs(strength[2]) and spread[0] > spread[2]
+    # degree in the strongest 15 % of edges: 10 regions, 45 edges, 7 kept, the coupled pair's first
+    y = np.concatenate([x[:, :2], rng.standard_normal((200, 8))], axis=1)
+    deg = signal_statistics(y, 2.0)[:, nb + 3]
+    assert deg[0] >= 1 / 9 and deg[1] >= 1 / 9
+    assert deg.sum() * 9 == pytest.approx(2 * 7) or deg.sum() * 9 < 2 * 7  # only positive edges are kept
+    # nodal efficiency and clustering agree with networkx on the same graph
+    import networkx as nx
+
+    full = signal_statistics(y, 2.0)
+    z = np.arctanh(np.clip(np.corrcoef(y.T), -0.999, 0.999))
+    iu = np.triu_indices(10, 1)
+    order = np.argsort(-z[iu], kind="stable")[:7]
+    order = order[z[iu][order] > 0]
+    g = nx.Graph()
+    g.add_nodes_from(range(10))
+    g.add_edges_from(zip(iu[0][order], iu[1][order]))
+    np.testing.assert_allclose(full[:, nb + 4].mean(), nx.global_efficiency(g), atol=1e-6)
+    np.testing.assert_allclose(full[:, nb + 5], [nx.clustering(g, i) for i in range(10)], atol=1e-6)
+    v = run_vector(np.zeros((1, 4, 2), np.float32), None, np.zeros(4), x, 2.0)
+    np.testing.assert_array_equal(v[:, 3:], st)
+
+
+def _synthetic(n_sites=4, per_site=40, R=10, c=3, seed=0):
+    rng = np.random.default_rng(seed)
+    vecs, sites, pheno, z = [], [], [], []
+    for s in range(n_sites):
+        for _ in range(per_site):
+            v = rng.standard_normal((R, c + 1)).astype(np.float32)
+            v[:, 0] += s * 0.5  # a site offset everywhere
+            dx = v[0, 1] + v[1, 1] + 0.5 * rng.standard_normal() > 0
+            vecs.append(v)
+            sites.append(f"S{s}")
+            pheno.append({"diagnosis": "TD" if dx else "ASD", "sex": rng.choice(["M", "F"]), "age": 10 + 20 * rng.random()})
+            z.append({"fc_within.mean": float(v[2, 2] * 2), "falff.mean": float(rng.standard_normal())})
+    return vecs, sites, pheno, z
+
+
+def test_readout_scores_generalise_across_sites_and_training_runs_are_cross_fitted():
+    vecs, sites, pheno, z = _synthetic()
+    tasks = default_tasks(("fc_within.mean",))
+    targets = default_targets(tasks, z, pheno)
+    names = [t.name for t in targets]
+    assert names[:3] == ["sex:M", "age_group:value", "diagnosis:TD"] and "z:fc_within.mean" in names
+    coords = np.random.default_rng(1).uniform(-60, 60, (10, 3))
+    fit = fit_readout(vecs, coords, sites, pheno, z, targets, n_components=4, log=lambda m: None)
+    ro = fit.readout
+    assert ro.dim == 4 + len(targets) and fit.crossfit.shape == (len(vecs), ro.dim)
+    np.testing.assert_allclose(fit.crossfit.mean(0), 0, atol=1e-5)  # standardised over training runs
+    info = ro.info["crossfit"]
+    assert info["diagnosis:TD"]["auroc"] > 0.75  # a real signal survives leaving each site out
+    assert info["z:fc_within.mean"]["r2"] > 0.8 and info["z:falff.mean"]["r2"] < 0.2  # noise stays noise
+    assert 0.3 < info["sex:M"]["auroc"] < 0.7
+    # the full-fit readout of a training run differs from its cross-fitted one (which never saw it)
+    full = np.stack([ro.vector(v, coords) for v in vecs])
+    j = ro.names.index("diagnosis:TD")
+    assert not np.allclose(full[:, j], fit.crossfit[:, j])
+    assert np.corrcoef(full[:, j], fit.crossfit[:, j])[0, 1] > 0.5
+
+
+def test_readout_saves_and_loads(tmp_path):
+    vecs, sites, pheno, z = _synthetic(n_sites=2, per_site=20)
+    coords = np.random.default_rng(1).uniform(-60, 60, (10, 3))
+    ro = fit_readout(vecs, coords, sites, pheno, z, [Target("diagnosis:TD", "class", "phenotype:diagnosis", "TD")],
+                     n_components=3, log=lambda m: None).readout
+    ro.save(tmp_path)
+    back = Readout.load(tmp_path)
+    assert back.names == ro.names and back.info == ro.info
+    np.testing.assert_array_equal(back.vector(vecs[0], coords), ro.vector(vecs[0], coords))
+    with pytest.raises(ValueError, match="features per region"):
+        ro.vector(vecs[0][:, :2], coords)
+
+
+def test_targets_of_binary_and_binned_tasks():
+    pheno = [{"diagnosis": "ASD", "sex": "F", "age": 9}, {"diagnosis": "TD", "sex": "M", "age": ""}]
+    t = {x.name: x for x in default_targets([SEX, DIAGNOSIS], [{}, {}], pheno)}
+    assert set(t) == {"sex:M", "diagnosis:TD"}
+    np.testing.assert_array_equal(t["diagnosis:TD"].values(pheno, [{}, {}]), [0, 1])
+    age = Target("age_group:value", "value", "phenotype:age")
+    v = age.values(pheno, [{}, {}])
+    assert v[0] == 9 and np.isnan(v[1])
+
+
+def test_branches_score_each_question_as_if_asked_alone(tmp_path):
+    """Questions in branches after one fMRI block get the log-probabilities they get alone."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from bids_fmrilm.model.config import get_config
+    from bids_fmrilm.model.fmrilm import FMRILM, fmri_block
+    from bids_fmrilm.model.inference import score_options, score_tasks
+    from bids_fmrilm.model.tasks import TEXT, instruction_segments, multi_instruction_segments
+
+    words = "question what is the participant's sex options female male answer does have an autism spectrum " \
+            "diagnosis or are they a typical control ? , : .".split()
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(sorted(set(words)))}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]")
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)).eval()
+    cfg = get_config("tiny")
+    ro = Readout(np.zeros((5, 3)), 2, ["a", "b", "c"])
+    fm = FMRILM(llm, tok, torch.randn(8, 4), roi_dim=6, run_dim=5, cfg=cfg, readout=ro).eval()
+    rng = np.random.default_rng(0)
+    blocks = [fmri_block(rng.integers(0, 8, (2, 5)), torch.randn(5, 6), rng.standard_normal(5), 3,
+                         feats=rng.standard_normal((2, 5, 4)), readout=rng.standard_normal(3)) for _ in range(3)]
+    with torch.no_grad():
+        alone = []
+        for task, ans in ((SEX, "male"), (DIAGNOSIS, "control")):
+            b = fm.build([instruction_segments(task, 0, ans)], blocks)
+            alone.append(fm.text_logprobs(fm.hidden(b), b["targets"]).numpy())
+        b = fm.build([multi_instruction_segments(0, [(SEX, "male"), (DIAGNOSIS, "control")]),
+                      instruction_segments(SEX, 1, "female")], blocks)  # padded beside a plain example
+        lp = fm.text_logprobs(fm.hidden(b), b["targets"]).numpy()
+        rows = np.array([t[0] for t in b["targets"]])
+    np.testing.assert_allclose(lp[rows == 0], np.concatenate(alone), atol=1e-5)
+    # all tasks' answers of a run in one pass = one sequence per (run, answer)
+    both = score_tasks(fm, blocks, [SEX, DIAGNOSIS])
+    for task, p in zip((SEX, DIAGNOSIS), both):
+        ref = np.zeros((3, 2))
+        with torch.no_grad():
+            for i in range(3):
+                for a, ans in enumerate(task.answers):
+                    b = fm.build([instruction_segments(task, i) + [(TEXT, " " + ans, True)]], blocks)
+                    ref[i, a] = fm.text_logprobs(fm.hidden(b), b["targets"]).sum()
+        ref = np.exp(ref - ref.max(1, keepdims=True))
+        np.testing.assert_allclose(p, ref / ref.sum(1, keepdims=True), atol=1e-5)
+        np.testing.assert_allclose(score_options(fm, blocks, task), p, atol=1e-6)
+    # the readout position is read: another readout changes the answers
+    blocks2 = [fmri_block(b.ids.numpy(), b.roi, b.run_emb.numpy(), 3, feats=b.feats.numpy(), readout=-3 * b.readout.numpy())
+               for b in blocks]
+    assert not np.allclose(score_options(fm, blocks2, SEX), both[0], atol=1e-4)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .fmrilm import FMRILM, FMRIBlock
-from .tasks import BRANCH, FMRI, TEXT, Task, describe_segments, few_shot_segments
+from .tasks import TEXT, Task, describe_segments, few_shot_segments, multi_instruction_segments
 
 
 def _chunks(n: int, size: int):
@@ -60,13 +60,8 @@ def score_tasks(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task], 
                     scores[ti][pairs[k]] = lp[rows == b].sum()
     else:
         for chunk in _chunks(len(blocks), batch_size):
-            examples = []
-            for i in chunk:
-                segs: list[tuple] = [(FMRI, off + i)]
-                for task in tasks:
-                    for a in task.answers:
-                        segs += [(BRANCH,), (TEXT, "\n" + task.prompt_text(), False), (TEXT, " " + a, True)]
-                examples.append(segs)
+            qa = [(task, a) for task in tasks for a in task.answers]
+            examples = [multi_instruction_segments(off + i, qa) for i in chunk]
             built = fm.build(examples, all_blocks)
             lp = fm.text_logprobs(fm.hidden(built), built["targets"]).float().cpu().numpy()
             rows = np.array([t[0] for t in built["targets"]])

@@ -258,13 +258,14 @@ def toolkit_group() -> None:
 def _register_toolkit() -> None:
     from .descriptors.cli import corpus_command
     from .model.compare import compare_models_command
-    from .training.lm import instruct_command, pretrain_command
+    from .training.lm import evaluate_command, instruct_command, pretrain_command
     from .training.tokenizer import train_tokenizer_command
 
     toolkit_group.add_command(corpus_command, "corpus")
     toolkit_group.add_command(train_tokenizer_command, "train-tokenizer")
     toolkit_group.add_command(pretrain_command, "pretrain")
     toolkit_group.add_command(instruct_command, "instruct")
+    toolkit_group.add_command(evaluate_command, "evaluate")
     toolkit_group.add_command(compare_models_command, "compare-models")
 
 

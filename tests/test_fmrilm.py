@@ -135,6 +135,9 @@ def test_information_gates_compare_with_fc_and_thresholds():
     rows = information_gates(meta)
     assert rows[0]["passed"] is None and not gates_passed(rows)
     assert "| 1 | linear probe" in model_card(meta) and "not measured" in model_card(meta)
+    # calibrated answers are the figures; the card names what calibration changed
+    meta["metrics"]["instruct"]["tasks"]["desc:fc_within.mean"]["fmrilm_uncalibrated"] = {"balanced_accuracy": 0.41}
+    assert "| 0.810 | FC logistic 0.950; majority accuracy None; uncalibrated 0.410 |" in model_card(meta)
 
 
 def test_heldout_evaluation_has_baselines(trained):
@@ -145,6 +148,42 @@ def test_heldout_evaluation_has_baselines(trained):
         assert 0.0 <= npb[k] <= 1.0
     assert "sex" not in m["tasks"] or "fmrilm" in m["tasks"]["sex"]
     assert m["descriptions"]["n_runs"] == 2
+
+
+def test_answer_calibration_travels_with_the_checkpoint_and_evaluate_refits_it(trained, tmp_path):
+    from bids_fmrilm.model import FMRILMModel
+    from bids_fmrilm.model.calibration import apply_calibration
+    from bids_fmrilm.model.checkpoint import model_id
+    from bids_fmrilm.training.lm import evaluate_checkpoint
+
+    src = trained["root"] / "ins" / "model"
+    meta = json.loads((src / "fmrilm.json").read_text())
+    cal = meta["calibration"]
+    answers = {t["name"]: t["answers"] for t in meta["tasks"]}
+    assert cal and all(c["n"] >= 4 and c["answers"] == answers[n] and c["bias"][0] == 0.0 for n, c in cal.items())
+    assert meta["id"] == model_id(meta) != model_id({**meta, "calibration": {}})  # part of the model's identity
+    assert "## Answer calibration" in (src / "README.md").read_text()
+    m = FMRILMModel.load(src, device="cpu")
+    assert m.fm.calibration == cal
+    run = next((trained["root"] / "data").glob("sub-02/func/*_timeseries.tsv.gz"))
+    p = m.predict(run)
+    m.fm.calibration = {}
+    raw = m.predict(run)
+    for name, c in cal.items():
+        want = apply_calibration(np.array([[raw[name][a] for a in answers[name]]]), c, answers[name])[0]
+        assert [p[name][a] for a in answers[name]] == pytest.approx(list(want))
+    # fmrilm evaluate --calibrate on a copy: the same calibration again (deterministic), figures rewritten
+    copy = tmp_path / "copy"
+    shutil.copytree(src, copy)
+    res = evaluate_checkpoint(copy, trained["corpus"], trained["root"] / "data", calibrate=True, n_describe=0,
+                              device="cpu", quantization="none", log=lambda m: None)
+    again = json.loads((copy / "fmrilm.json").read_text())
+    assert set(again["calibration"]) == set(cal)
+    for n in cal:
+        assert again["calibration"][n]["bias"] == pytest.approx(cal[n]["bias"], abs=1e-4)
+    assert again["metrics"]["instruct"]["n_heldout_runs"] == res["n_heldout_runs"] == 3
+    q = FMRILMModel.load(copy, device="cpu").predict(run)
+    assert all(q[n] == pytest.approx(p[n], abs=1e-4) for n in p)
 
 
 def test_heldout_task_metrics_are_the_group_levels():
@@ -213,7 +252,12 @@ def test_reload_gives_identical_predictions_and_hashes_are_checked(trained, tmp_
 
     src = trained["root"] / "ins" / "model"
     run = next((trained["root"] / "data").glob("sub-02/func/*_timeseries.tsv.gz"))
-    a = FMRILMModel.load(src, device="cpu").predict(run)
+    m = FMRILMModel.load(src, device="cpu")
+    a = m.predict(run)
+    # stage 3 added a readout adapter on the top layer, trained away from its zero start, and saved
+    assert len(m.fm.projector.adapter) == 1 and m.fm.projector.adapter[0].weight.abs().sum() > 0
+    pre = FMRILMModel.load(trained["root"] / "pre" / "model", device="cpu")
+    assert len(pre.fm.projector.adapter) == 0  # stage 2 has none
     copy = tmp_path / "copy"
     shutil.copytree(src, copy)
     assert FMRILMModel.load(copy, device="cpu").predict(run) == a

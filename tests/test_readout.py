@@ -140,15 +140,13 @@ def test_targets_of_binary_and_binned_tasks():
     assert v[0] == 9 and np.isnan(v[1])
 
 
-def test_branches_score_each_question_as_if_asked_alone(tmp_path):
-    """Questions in branches after one fMRI block get the log-probabilities they get alone."""
+def _tiny_fm():
+    """A 2-layer Llama with a word-level vocabulary, a tiny fMRI-LM with a readout, and 3 blocks."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from bids_fmrilm.model.config import get_config
     from bids_fmrilm.model.fmrilm import FMRILM, fmri_block
-    from bids_fmrilm.model.inference import score_options, score_tasks
-    from bids_fmrilm.model.tasks import TEXT, instruction_segments, multi_instruction_segments
 
     words = "question what is the participant's sex options female male answer does have an autism spectrum " \
             "diagnosis or are they a typical control ? , : .".split()
@@ -165,6 +163,16 @@ def test_branches_score_each_question_as_if_asked_alone(tmp_path):
     rng = np.random.default_rng(0)
     blocks = [fmri_block(rng.integers(0, 8, (2, 5)), torch.randn(5, 6), rng.standard_normal(5), 3,
                          feats=rng.standard_normal((2, 5, 4)), readout=rng.standard_normal(3)) for _ in range(3)]
+    return fm, blocks
+
+
+def test_branches_score_each_question_as_if_asked_alone(tmp_path):
+    """Questions in branches after one fMRI block get the log-probabilities they get alone."""
+    from bids_fmrilm.model.fmrilm import fmri_block
+    from bids_fmrilm.model.inference import score_options, score_tasks
+    from bids_fmrilm.model.tasks import TEXT, instruction_segments, multi_instruction_segments
+
+    fm, blocks = _tiny_fm()
     with torch.no_grad():
         alone = []
         for task, ans in ((SEX, "male"), (DIAGNOSIS, "control")):
@@ -191,3 +199,44 @@ def test_branches_score_each_question_as_if_asked_alone(tmp_path):
     blocks2 = [fmri_block(b.ids.numpy(), b.roi, b.run_emb.numpy(), 3, feats=b.feats.numpy(), readout=-3 * b.readout.numpy())
                for b in blocks]
     assert not np.allclose(score_options(fm, blocks2, SEX), both[0], atol=1e-4)
+
+
+def test_readout_adapter_starts_neutral_learns_and_conditions_only_what_follows_a_block():
+    from bids_fmrilm.model.inference import generate_descriptions
+    from bids_fmrilm.model.tasks import few_shot_segments, instruction_segments
+
+    fm, blocks = _tiny_fm()
+    segs = [instruction_segments(SEX, 0, "male")]
+    with torch.no_grad():
+        built = fm.build(segs, blocks)
+        h0 = fm.hidden(built)
+        text0 = generate_descriptions(fm, blocks[:1], max_new_tokens=4)
+    fm.add_readout_adapter(1)
+    assert len(fm.projector.adapter) == 1
+    with torch.no_grad():
+        assert torch.equal(fm.hidden(fm.build(segs, blocks)), h0)  # zero start: the model as it was
+    fm.train()
+    fm(segs, blocks, ["instruct"], {"instruct": 1.0}, 0.0)["loss"].backward()
+    grad = fm.projector.adapter[0].weight.grad
+    assert grad is not None and float(grad.abs().sum()) > 0  # the answer loss reaches the adapter
+    fm.eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(fm.projector.adapter[0].weight, std=0.5)
+        end = built["spans"][0][2] + 1  # first position after </fmri>
+        h1 = fm.hidden(built)
+        torch.testing.assert_close(h1[0, :end], h0[0, :end])  # the block and what precedes it: untouched
+        assert not torch.allclose(h1[0, end:], h0[0, end:], atol=1e-4)  # the question and answer: conditioned
+        assert (built["readout_src"][0, :end] == -1).all() and (built["readout_src"][0, end:] == 0).all()
+        # a prompt with several blocks: the text after each block reads that block's readout
+        fs = fm.build([few_shot_segments(SEX, [(1, "male")], 2)], blocks)
+        src = fs["readout_src"][0]
+        firsts = [int((src == k).nonzero()[0]) for k in range(2)]
+        assert firsts[0] < firsts[1] and (src[firsts[1]:] == 1).all()
+        torch.testing.assert_close(fs["readouts"], torch.stack([blocks[1].readout, blocks[2].readout]))
+        assert fm._conditioning is None  # the context is left cleanly
+        # generation is conditioned at every decoding step: an adapter that pushes the last layer
+        # toward the output row of "male" makes every greedy token "male"
+        male = fm.text_tokenizer.convert_tokens_to_ids("male")
+        fm.projector.adapter[0].weight.zero_()
+        fm.projector.adapter[0].bias.copy_(1e3 * fm.llm.lm_head.weight[male])
+        assert generate_descriptions(fm, blocks[:1], max_new_tokens=4) == ["male male male male"] != text0

@@ -112,7 +112,7 @@ def read_token_runs(output_dir: Path, participants: Sequence[str], checkpoint: s
 def _run_features(tokenizer, tokens_tsv: Path, ids: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Encoder features of the series written beside a tokens file (they must give its ids) and
     the run vector of the readout."""
-    from ..model.readout import run_vector
+    from ..model.readout import tokenized_run_vector
     from ..signals.pipeline import read_roi_timeseries
     from ..tokenizer.data import scale_run
 
@@ -126,8 +126,7 @@ def _run_features(tokenizer, tokens_tsv: Path, ids: np.ndarray, coords: np.ndarr
     if feats.shape[:2] != ids.shape or not np.array_equal(tokenizer.ids_of(feats), ids):
         raise DataError("the series beside the tokens do not give the same token ids", path=series,
                         fix="re-run the participant level with --force")
-    return feats, run_vector(feats, tokenizer.patch_lengths(len(scaled)), log_scale, scaled,
-                             float(tokenizer.meta.get("tr", 2.0)))
+    return feats, tokenized_run_vector(tokenizer, feats, scaled, log_scale)
 
 
 # ------------------------------------------------------------------------------------ label -> task
@@ -230,6 +229,7 @@ class AdaptSettings:
     steps: int = 20
     batch_size: int = 4
     lr: float = 3e-4
+    adapter_lr: float = 1e-3  # the readout adapter of stage-3 checkpoints (LoRA stays at ``lr``)
     warmup: int = 5
     seed: int = 0
     device: str = "auto"
@@ -240,7 +240,8 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
           settings: AdaptSettings, verify: bool = True) -> tuple[FMRILMModel, dict[str, Any]]:
     """Train the checkpoint's LoRA adapter on ``(run, answer)`` instruction examples.
 
-    The model is loaded afresh (LoRA trainable; projector, fMRI head and tokenizer frozen;
+    The model is loaded afresh (LoRA and the readout adapter trainable; projector, fMRI head and
+    tokenizer frozen;
     ``verify=False`` skips the file hashes of a checkpoint the caller has already checked).
     Returns ``(model, info)`` with the model in eval mode and ``info`` holding the losses and the
     first step's LoRA gradient norm.
@@ -264,7 +265,11 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
     for p in list(fm.projector.parameters()) + list(fm.fmri_head.parameters()):
         p.requires_grad_(False)
     params = lora_parameters(fm.llm)
-    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
+    adapter = list(fm.projector.adapter.parameters())  # the readout's way into the answer (stage 3)
+    for p in adapter:
+        p.requires_grad_(True)
+    groups = [{"params": params, "lr": settings.lr}] + ([{"params": adapter, "lr": settings.adapter_lr}] if adapter else [])
+    opt = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=0.0)
     warmup = max(1, min(settings.warmup, settings.steps // 4))  # a short run must not end in its warm-up
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, settings.steps))
     losses, grad0 = [], None
@@ -281,7 +286,7 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
             if grad0 == 0.0:
                 raise RuntimeError("LoRA gradients are zero after the first step (was the 4-bit model run in eval "
                                    "mode before training?)")
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params + adapter, 1.0)
         opt.step()
         sched.step()
         losses.append(float(out["loss"].detach()))

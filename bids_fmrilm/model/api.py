@@ -23,7 +23,7 @@ import torch
 
 from ..errors import DataError, UsageError
 from .fmrilm import FMRIBlock, fmri_block
-from .readout import run_vector
+from .readout import tokenized_run_vector
 from .tasks import Task
 
 
@@ -109,8 +109,7 @@ class FMRILMModel:
         coords = np.asarray(coords, dtype=np.float32)
         res = self.tokenizer.tokenize(np.asarray(ts, dtype=float), coords, source=source or None)
         return PreparedRun(res["ids"], res["embedding"], coords, res["scaled"], source, res["features"],
-                           run_vector(res["features"], self.tokenizer.patch_lengths(len(res["scaled"])),
-                                      res["log_scale"], res["scaled"], float(self.meta.get("tr", 2.0))))
+                           tokenized_run_vector(self.tokenizer, res["features"], res["scaled"], res["log_scale"]))
 
     def _roi(self, coords: np.ndarray) -> torch.Tensor:
         key = np.ascontiguousarray(coords, dtype=np.float32).tobytes()

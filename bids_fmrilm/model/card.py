@@ -24,8 +24,10 @@ def _metric_rows(metrics: dict[str, Any]) -> list[str]:
             fm = t.get("fmrilm", {})
             fc = t.get("fc_logistic", {})
             key = "auroc" if "auroc" in fm else "balanced_accuracy"
+            unc = t.get("fmrilm_uncalibrated", {}).get(key)
             rows.append(f"| {stage} | {name} {key} (n={t['n']}) | {_fmt(fm.get(key))} | FC logistic "
-                        f"{_fmt(fc.get(key, 'n/a'))}; majority accuracy {_fmt(t.get('majority_accuracy'))} |")
+                        f"{_fmt(fc.get(key, 'n/a'))}; majority accuracy {_fmt(t.get('majority_accuracy'))}"
+                        + (f"; uncalibrated {_fmt(unc)}" if unc is not None else "") + " |")
         d = m.get("descriptions")
         if d:
             rows.append(f"| {stage} | description level agreement ({d['statements']} statements) | "
@@ -82,6 +84,13 @@ def model_card(meta: dict[str, Any]) -> str:
                   f"fitted on {ro.get('n_train_runs')} training runs of {ro.get('n_sites')} sites and frozen "
                   "(model/readout.py). Leave-one-site-out figures of the scores on the training sites: "
                   + ("; ".join(shown) if shown else "n/a") + "."]
+    cal = meta.get("calibration") or {}
+    if cal:
+        lines += ["", "## Answer calibration",
+                  "Zero-shot answers are calibrated (model/calibration.py): per task one temperature and one offset per",
+                  "answer, fitted class-balanced on the model's own answers of training runs "
+                  f"({max(c.get('n', 0) for c in cal.values())} runs at most): "
+                  + "; ".join(f"{n} scale {c['scale']:.2f}" for n, c in sorted(cal.items())) + "."]
     lines += ["", "## Held-out metrics (site-disjoint)", ""]
     rows = _metric_rows(meta.get("metrics", {}))
     if rows:

@@ -56,6 +56,8 @@ def tokenizer_id(folder: str | os.PathLike) -> str:
 def model_id(meta: dict[str, Any]) -> str:
     """Short identifier of a checkpoint: hash of its file hashes (changes with any weight)."""
     blob = json.dumps(meta.get("files", {}), sort_keys=True)
+    if meta.get("calibration"):  # it changes the answers: part of the model (absent: ids unchanged)
+        blob += json.dumps(meta["calibration"], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -125,8 +127,6 @@ def update_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> dict[str
 
     Weights and their hashes (hence the model id) are unchanged; both files are replaced atomically.
     """
-    from .card import model_card
-
     path = Path(path)
     meta = read_meta(path, verify=False)
     meta["metrics"] = {**meta.get("metrics", {}), **metrics}
@@ -134,13 +134,34 @@ def update_metrics(path: str | os.PathLike, metrics: dict[str, Any]) -> dict[str
         from .gates import information_gates
 
         meta["gates"] = information_gates(meta)
+    _write_meta(path, meta)
+    return meta
+
+
+def set_calibration(path: str | os.PathLike, calibration: dict[str, Any]) -> dict[str, Any]:
+    """Replace a checkpoint's answer calibration (:mod:`~bids_fmrilm.model.calibration`) in its
+    ``fmrilm.json``: its id changes (the answers do), the figures measured under the previous
+    calibration are dropped from the card's stage-3 metrics, and both files are replaced
+    atomically."""
+    path = Path(path)
+    meta = read_meta(path, verify=False)
+    meta["calibration"] = calibration
+    meta["id"] = model_id(meta)
+    stage = meta.get("stage", "instruct")
+    meta["metrics"] = {k: v for k, v in meta.get("metrics", {}).items() if k != stage}
+    _write_meta(path, meta)
+    return meta
+
+
+def _write_meta(path: Path, meta: dict[str, Any]) -> None:
+    from .card import model_card
+
     for name, text in ((META, json.dumps(meta, indent=2, default=str)), ("README.md", model_card(meta))):
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=path)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path / name)
-    return meta
 
 
 def read_meta(path: str | os.PathLike, verify: bool = True, check_format: bool = True) -> dict[str, Any]:
@@ -216,7 +237,10 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         readout = Readout.load(path)
     fm = FMRILM(llm, text_tok, codebook, roi_dim=tok.config.d_model, run_dim=tok.config.embed_dim, cfg=cfg,
                 readout=readout)
-    fm.projector.load_state_dict(load_file(str(path / "projector.safetensors")))
+    proj = load_file(str(path / "projector.safetensors"))
+    n_adapter = len({k.split(".")[1] for k in proj if k.startswith("adapter.")})
+    fm.add_readout_adapter(n_adapter)  # stage-3 checkpoints only
+    fm.projector.load_state_dict(proj)
     fm.fmri_head.load_state_dict(load_file(str(path / "fmri_head.safetensors")))
     dev = next(llm.parameters()).device
     fm.projector.to(dev)
@@ -226,6 +250,7 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu",
         fm.readout.to(dev)
     for p in list(fm.projector.parameters()) + list(fm.fmri_head.parameters()):
         p.requires_grad_(trainable)
+    fm.calibration = dict(meta.get("calibration") or {})
     tasks = [Task.from_dict(t) for t in meta.get("tasks", [])]
     fm.train(trainable)
     return fm, tok, tasks, meta

@@ -27,6 +27,8 @@ class FMRILMConfig:
     proj_dim: int = 128  # projector width before the LLM hidden size
     readout: bool = True  # one more position: the run readout (model/readout.py), fitted at stage 2
     readout_components: int = 16  # whitened principal components of the run vector in the readout
+    readout_layers: int = 4  # stage 3 adds the readout to the residual stream of this many top layers
+    calibration_runs: int = 256  # training runs the stage-3 answer calibration is fitted on (0: none)
     head_dim: int = 128  # fMRI head width
     # --- LoRA (PEFT) on attention and MLP projections
     lora_r: int = 8
@@ -77,7 +79,7 @@ CONFIGS: dict[str, FMRILMConfig] = {
     "tiny": FMRILMConfig(name="tiny", fmri_input="features", slots_per_patch=2, max_patches=3, proj_dim=16, head_dim=16, lora_r=4,
                          lora_alpha=8, lora_dropout=0.0, max_text_tokens=24, batch_size=4, lr=3e-3, lr_new=3e-3,
                          warmup_steps=1, pretrain_steps=6, instruct_steps=6, log_every=2, checkpoint_every=3,
-                         descriptor_questions=("fc_within.mean", "graph.modularity")),
+                         readout_layers=1, calibration_runs=16, descriptor_questions=("fc_within.mean", "graph.modularity")),
     # 32 learned queries per 160-volume window read the region features (runs up to 3 windows),
     # one position the run readout; the packaged default's step counts (about 100 min on 2 cores)
     "cpu": FMRILMConfig(fmri_input="features", slots_per_patch=32, max_patches=3, pretrain_steps=150,

@@ -10,6 +10,8 @@ patch, ``H`` LLM hidden size, ``L`` sequence length.
     run readout (S,) (model/readout.py: frozen linear scores of the whole run) --Projector.readout--> (1, H)
     sequence:  text ... <fmri> slot_1 ... slot_nM summary readout </fmri> text ...
         --LLM (LoRA on attention/MLP, QLoRA when 4-bit)--> hidden (L, H)
+        stage 3: + adapter_k(readout) added after each of the top ``readout_layers`` decoder layers,
+        at the text positions that follow the block (zero-initialised; FMRILM.add_readout_adapter)
         hidden at the last slot of patch p --FMRIHead--> logits (R, K) of patch p+1's token ids
         hidden at text positions --lm_head--> next text token
 
@@ -77,6 +79,8 @@ class Projector(nn.Module):
             self.readout_in = nn.Linear(readout_dim, hidden)
             nn.init.normal_(self.readout_in.weight, std=0.5 / math.sqrt(readout_dim * hidden))
             nn.init.normal_(self.readout_in.bias, std=1.0 / math.sqrt(hidden))
+        self.readout_dim = readout_dim
+        self.adapter = nn.ModuleList()  # readout -> residual stream of the top LLM layers (stage 3)
         self.markers = nn.Parameter(torch.randn(2, hidden) * emb_rms)  # <fmri>, </fmri>
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.scale = nn.Parameter(torch.tensor(float(emb_rms)))  # match the word embeddings' size
@@ -98,6 +102,18 @@ class Projector(nn.Module):
                 raise ValueError("this fMRI-LM reads a run readout; the block has none")
             parts.append(self.scale * self.readout_in(readout[None].to(self.markers.dtype)))
         return torch.cat(parts + [self.markers[1:]])
+
+    def add_adapter(self, n_layers: int) -> None:
+        """Zero-initialised maps readout -> hidden, one per top LLM layer: the model starts exactly
+        as it was and instruction tuning learns how far each layer is moved."""
+        if not self.readout_dim:
+            raise ValueError("a readout adapter needs a run readout")
+        H = self.markers.shape[1]
+        while len(self.adapter) < n_layers:
+            lin = nn.Linear(self.readout_dim, H).to(self.markers.device)
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+            self.adapter.append(lin)
 
 
 class FMRIHead(nn.Module):
@@ -140,6 +156,59 @@ class FMRILM(nn.Module):
         self.projector = Projector(codebook.shape[1], roi_dim, run_dim, H, cfg, emb_rms,
                                    readout_dim=0 if readout is None else readout.dim)
         self.fmri_head = FMRIHead(H, roi_dim, codebook.shape[1], cfg, codebook.shape[0])
+        self.calibration: dict[str, dict] = {}  # task name -> zero-shot answer calibration (model/calibration.py)
+        self._conditioning: tuple[torch.Tensor, torch.Tensor] | None = None  # (src (B,L), readouts (N,S))
+        self._hooked = 0
+
+    def add_readout_adapter(self, n_layers: int) -> None:
+        """Condition the top ``n_layers`` decoder layers on the run readout.
+
+        After each of those layers, every text position that follows an fMRI block gets
+        ``adapter_k(readout)`` added to its hidden state (the block's readout, the latest block's
+        when a sequence holds several, as in few-shot prompts). The LLM reads the run once more at
+        each of those layers, where a single readout position early in the sequence is hard to
+        attend to for a few hundred CPU steps (cf. LLaMA-Adapter's zero-init gated prompts).
+        Positions of and before the block are untouched, so next-patch prediction stays causal.
+        """
+        if n_layers <= 0:
+            return
+        self.projector.add_adapter(n_layers)
+        backbone, _ = self._backbone()
+        layers = backbone.layers
+        if n_layers > len(layers):
+            raise ValueError(f"readout adapter on {n_layers} layers; the LLM has {len(layers)}")
+        for k in range(self._hooked, n_layers):
+            layers[len(layers) - n_layers + k].register_forward_hook(self._adapter_hook(k))
+        self._hooked = max(self._hooked, n_layers)
+
+    def _adapter_hook(self, k: int):
+        def hook(module, args, output):
+            if self._conditioning is None:
+                return output
+            src, readouts = self._conditioning
+            h = output[0] if isinstance(output, tuple) else output
+            if h.shape[1] != src.shape[1]:  # incremental decoding: the new tokens follow the last block
+                src = src[:, -1:].expand(-1, h.shape[1])
+            vec = self.projector.adapter[k](readouts.to(self.projector.adapter[k].weight.dtype))  # (N,H)
+            add = vec[src.clamp(min=0)] * (src >= 0)[..., None]
+            h = h + add.to(h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+        return hook
+
+    class _Conditioned:
+        def __init__(self, fm: "FMRILM", built: dict):
+            self.fm, self.built = fm, built
+
+        def __enter__(self):
+            if len(self.fm.projector.adapter) and self.built.get("readouts") is not None:
+                self.fm._conditioning = (self.built["readout_src"], self.built["readouts"])
+
+        def __exit__(self, *exc):
+            self.fm._conditioning = None
+
+    def conditioned(self, built: dict) -> "FMRILM._Conditioned":
+        """Context in which LLM passes over ``built`` see the readout adapter (no-op without one)."""
+        return FMRILM._Conditioned(self, built)
 
     # ------------------------------------------------------------------ helpers
     def _backbone(self):
@@ -174,6 +243,7 @@ class FMRILM(nn.Module):
         dev = self.codebook.device
         wemb = self.llm.get_input_embeddings()
         rows, targets, fmri, spans, branches = [], [], [], [], {}
+        readouts, after = [], []  # readout of each block occurrence; (b, first position after it, index)
         for b, segs in enumerate(examples):
             pieces, pos = [], 0
             for seg in segs:
@@ -212,6 +282,9 @@ class FMRILM(nn.Module):
                     spans.append((b, pos + 1, pos + v.shape[0] - 1))
                     pieces.append(v)
                     pos += v.shape[0]
+                    if ro is not None:
+                        after.append((b, pos, len(readouts)))
+                        readouts.append(ro)
             rows.append(torch.cat(pieces))
             if b in branches:
                 sp = branches[b][1]
@@ -223,8 +296,12 @@ class FMRILM(nn.Module):
         for b, r in enumerate(rows):
             embeds[b, : r.shape[0]] = r
             mask[b, : r.shape[0]] = 1
+        src = torch.full((len(rows), L), -1, dtype=torch.long, device=dev)
+        for b, start, k in after:  # blocks come in order: a later block takes over what follows it
+            src[b, start:] = k
         return {"embeds": embeds, "mask": mask, "targets": targets, "fmri": fmri, "spans": spans,
-                "branches": branches}
+                "branches": branches, "readout_src": src,
+                "readouts": torch.stack(readouts).float() if readouts else None}
 
     @staticmethod
     def attention(built: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -247,7 +324,8 @@ class FMRILM(nn.Module):
     def hidden(self, built: dict) -> torch.Tensor:
         backbone, _ = self._backbone()
         mask, pos = self.attention(built)
-        out = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos)
+        with self.conditioned(built):
+            out = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos)
         return out.last_hidden_state  # (B,L,H), after the final norm
 
     def text_logprobs(self, h: torch.Tensor, targets: list[tuple]) -> torch.Tensor:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from .calibration import apply_calibration
 from .fmrilm import FMRILM, FMRIBlock
 from .tasks import TEXT, Task, describe_segments, few_shot_segments, multi_instruction_segments
 
@@ -36,11 +37,14 @@ def score_options(fm: FMRILM, blocks: Sequence[FMRIBlock], task: Task, batch_siz
 @torch.no_grad()
 def score_tasks(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task], batch_size: int = 8,
                 shots: Sequence[tuple[int, str]] | None = None,
-                shot_blocks: Sequence[FMRIBlock] = ()) -> list[np.ndarray]:
+                shot_blocks: Sequence[FMRIBlock] = (), calibrated: bool = True) -> list[np.ndarray]:
     """:func:`score_options` of several tasks, one (n_runs, n_answers) array per task.
 
     Without shots, every (task, answer) of a run is a branch after the run's fMRI block (each
-    sees the block and its own question only), so a run costs one forward pass for all tasks.
+    sees the block and its own question only), so a run costs one forward pass for all tasks,
+    and a task the checkpoint has an answer calibration for (``fm.calibration``,
+    :mod:`~bids_fmrilm.model.calibration`) gets calibrated probabilities unless ``calibrated``
+    is False.
     """
     fm.eval()
     all_blocks = list(shot_blocks) + list(blocks)
@@ -73,10 +77,13 @@ def score_tasks(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task], 
                         k += c
                 assert k == len(vals), "answer tokens and targets disagree"
     out = []
-    for sc in scores:
+    for task, sc in zip(tasks, scores):
         sc = sc - sc.max(1, keepdims=True)
         p = np.exp(sc)
-        out.append(p / p.sum(1, keepdims=True))
+        p = p / p.sum(1, keepdims=True)
+        if calibrated and not shots:
+            p = apply_calibration(p, getattr(fm, "calibration", {}).get(task.name), task.answers)
+        out.append(p)
     return out
 
 
@@ -101,8 +108,10 @@ def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_token
     tok = fm.text_tokenizer
     for i in range(len(blocks)):
         built = fm.build([describe_segments(i)], list(blocks))
-        ids = fm.llm.generate(inputs_embeds=built["embeds"], attention_mask=built["mask"], max_new_tokens=max_new_tokens,
-                              do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        with fm.conditioned(built):
+            ids = fm.llm.generate(inputs_embeds=built["embeds"], attention_mask=built["mask"],
+                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                  eos_token_id=tok.eos_token_id)
         texts.append(tok.decode(ids[0], skip_special_tokens=True).strip())
     return texts
 

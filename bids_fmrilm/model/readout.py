@@ -131,6 +131,14 @@ def run_vector(features: np.ndarray, lengths: np.ndarray | None, log_scale: np.n
     return np.concatenate([rep, ls[:, None], stats], axis=1)
 
 
+def tokenized_run_vector(tokenizer, features: np.ndarray, scaled: np.ndarray,
+                         log_scale: np.ndarray | None) -> np.ndarray:
+    """:func:`run_vector` of a run the ``tokenizer`` encoded: its windows' lengths and its TR
+    (training, the API and the group level all build the readout's input here)."""
+    return run_vector(features, tokenizer.patch_lengths(len(scaled)), log_scale, scaled,
+                      float(tokenizer.meta.get("tr", 2.0)))
+
+
 def to_reference(vec: np.ndarray, coords: np.ndarray, ref_coords: np.ndarray, sigma: float = KERNEL_MM) -> np.ndarray:
     """Resample a per-region array (R, F) onto reference centroids (G, 3): identity when ``coords``
     are the reference's, else a Gaussian-kernel weighted mean over the regions with centroids

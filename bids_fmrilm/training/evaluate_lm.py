@@ -1,8 +1,9 @@
 """Held-out evaluation of an fMRI-LM, each figure beside a baseline on the same split.
 
 - Zero-shot classification (sex, diagnosis, age group): AUROC / balanced accuracy of the
-  constrained-answer probabilities on held-out sites vs logistic regression on FC fitted on the
-  training sites, and vs chance.
+  constrained-answer probabilities on held-out sites (calibrated when the checkpoint carries an
+  answer calibration, the uncalibrated figures beside them) vs logistic regression on FC fitted
+  on the training sites, and vs chance.
 - Descriptor questions: accuracy vs the training sites' majority answer.
 - Next-patch token accuracy (teacher forced) vs the most frequent training token, the most
   frequent token of each ROI, and repeating the previous patch's token.
@@ -52,6 +53,38 @@ def fc_logistic(fc_train: np.ndarray, y_train: np.ndarray, fc_test: np.ndarray, 
     return proba
 
 
+def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi: torch.Tensor,
+                           readouts: np.ndarray | None = None, max_runs: int = 256, seed: int = 0,
+                           log: Callable[[str], None] = print) -> dict[str, dict]:
+    """Answer calibration (:mod:`~bids_fmrilm.model.calibration`) of every task on training runs.
+
+    Up to ``max_runs`` of the runs ``idx`` (a seeded random subset) are scored zero-shot as at
+    inference (their first patches, their cross-fitted readouts), and each task with at least two
+    answers among them gets a calibration fitted on the runs that have an answer. Returns
+    ``{task name: calibration}``.
+    """
+    from ..model.calibration import fit_calibration
+    from ..model.inference import score_tasks
+    from .lm import make_block
+
+    idx = np.asarray(idx)
+    if len(idx) > max_runs:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_runs, replace=False))
+    blocks = [make_block(data, int(i), roi, fm.cfg.max_patches, readouts=readouts) for i in idx]
+    probas = score_tasks(fm, blocks, tasks, calibrated=False)
+    out: dict[str, dict] = {}
+    for task, proba in zip(tasks, probas):
+        ai = {a: k for k, a in enumerate(task.answers)}
+        y = np.array([ai.get(task.answer_for(data.phenotype[i], data.z[i]), -1) for i in idx])
+        keep = y >= 0
+        if keep.sum() < 4 or len(np.unique(y[keep])) < 2:
+            continue
+        out[task.name] = fit_calibration(proba[keep], y[keep], task.answers)
+        log(f"calibration {task.name}: scale {out[task.name]['scale']:.2f}, bias "
+            f"{', '.join(f'{b:+.2f}' for b in out[task.name]['bias'])} ({int(keep.sum())} training runs)")
+    return out
+
+
 def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray, test_idx: np.ndarray,
                      roi: torch.Tensor, seed: int = 0, n_describe: int = 40, stage: str = "instruct",
                      log: Callable[[str], None] = print, previous: dict[str, Any] | None = None,
@@ -96,7 +129,10 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
 
     # ---- constrained-answer tasks vs FC logistic regression and majority
     res["tasks"] = {}
-    all_proba = dict(zip([t.name for t in tasks], score_tasks(fm, blocks, tasks)))
+    from ..model.calibration import apply_calibration
+
+    raw_proba = dict(zip([t.name for t in tasks], score_tasks(fm, blocks, tasks, calibrated=False)))
+    calibration = getattr(fm, "calibration", {}) or {}
     for task in tasks:
         y_test = [task.answer_for(data.phenotype[i], data.z[i]) for i in test_idx]
         y_train = [task.answer_for(data.phenotype[i], data.z[i]) for i in train_idx]
@@ -107,9 +143,12 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
         ai = {a: k for k, a in enumerate(task.answers)}
         yt = np.array([ai[a] for a in np.array(y_test, dtype=object)[keep]])
         ytr = np.array([ai[a] for a in np.array(y_train, dtype=object)[keep_tr]])
-        proba = all_proba[task.name][keep]
+        raw = raw_proba[task.name][keep]
+        proba = apply_calibration(raw, calibration.get(task.name), task.answers)
         entry: dict[str, Any] = {"n": int(keep.sum()), "class_counts": {a: int((yt == k).sum()) for a, k in ai.items()}}
         entry["fmrilm"] = _task_metrics(yt, proba)
+        if task.name in calibration:  # what the answer calibration changed
+            entry["fmrilm_uncalibrated"] = _task_metrics(yt, raw)
         majority = int(np.bincount(ytr, minlength=len(task.answers)).argmax())
         entry["majority_accuracy"] = float(np.mean(yt == majority))
         old = ((previous or {}).get("tasks") or {}).get(task.name) or {}

@@ -70,7 +70,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
                  log: Callable[[str], None] = print, cache: bool = True) -> LMData:
     """Tokenize every corpus run found in ``timeseries_dir`` (cached by corpus, folder and tokenizer)."""
     from ..model.llm import cache_dir
-    from ..model.readout import run_vector
+    from ..model.readout import tokenized_run_vector
     from ..tokenizer.data import load_timeseries_dir, parse_entities, run_key
     from .tokenizer import run_fc
 
@@ -104,7 +104,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
     for r in runs:
         f = tokenizer.features(r.ts, r.coords, source=r.path)
         feats.append(f.astype(np.float16))
-        vecs.append(run_vector(f, tokenizer.patch_lengths(len(r.ts)), r.log_scale, r.ts, float(tokenizer.meta.get("tr", 2.0))))
+        vecs.append(tokenized_run_vector(tokenizer, f, r.ts, r.log_scale))
         ids.append(tokenizer.ids_of(f).astype(np.int16))
         embs.append(tokenizer.embed_run(r.ts, r.coords, source=r.path, log_scale=r.log_scale))
         fcs.append(run_fc(r.ts).astype(np.float16))
@@ -162,6 +162,25 @@ def run_readouts(data: LMData, train_idx: np.ndarray, tasks: Sequence[Task], cfg
     out[tr] = fit.crossfit
     log(f"readout fitted in {time.time() - t0:.0f} s ({fit.readout.dim} values per run)")
     return fit.readout, out
+
+
+def checkpoint_readouts(data: LMData, test_idx: np.ndarray, cfg: FMRILMConfig, seed: int = 0,
+                        log: Callable[[str], None] = print, readout=None):
+    """(Readout, readouts (N, S)) of a split: the readout fitted on every run outside ``test_idx``
+    (cross-fitted readouts for those runs), or, given a checkpoint's ``readout``, that readout for
+    the held-out runs and the refit's cross-fitted ones for the others (deterministic, so stage 3
+    and a later evaluation see the readouts stage 2 trained on)."""
+    fit_idx = np.flatnonzero(~np.isin(np.arange(len(data.keys)), test_idx))
+    fitted, readouts = run_readouts(data, fit_idx, default_tasks(cfg.descriptor_questions), cfg, seed, log)
+    if readout is None:
+        return fitted, readouts
+    if not torch.allclose(readout.weight.cpu(), fitted.weight, atol=1e-4):
+        log("warning: the readout refitted on these runs differs from the checkpoint's (another corpus?); "
+            "the checkpoint's is kept")
+    others = np.setdiff1d(np.arange(len(data.keys)), fit_idx)
+    if len(others):
+        readouts[others] = np.stack([readout.vector(data.run_vec[i], data.coords) for i in others])
+    return readout, readouts
 
 
 # ------------------------------------------------------------------------------------ examples
@@ -269,17 +288,10 @@ def train_stage(
     # cross-fitted readouts of the same runs (deterministic) and keeps the checkpoint's readout
     readouts = None
     if cfg.readout:
-        fit_idx = np.flatnonzero(~np.isin(np.arange(len(data.keys)), test_idx))
-        readout, readouts = run_readouts(data, fit_idx, default_tasks(cfg.descriptor_questions), cfg, seed, log)
-        if stage == "instruct":
-            if fm.readout is None:
-                raise UsageError("the stage-2 checkpoint has no run readout but its config asks for one", path=init)
-            if not torch.allclose(fm.readout.weight.cpu(), readout.weight, atol=1e-4):
-                log("warning: the readout refitted on these runs differs from the checkpoint's (another corpus?); "
-                    "the checkpoint's is kept")
-            keep = np.isin(np.arange(len(data.keys)), fit_idx)
-            readouts[~keep] = np.stack([fm.readout.vector(data.run_vec[i], data.coords) for i in np.flatnonzero(~keep)])
-            readout = fm.readout
+        if stage == "instruct" and fm.readout is None:
+            raise UsageError("the stage-2 checkpoint has no run readout but its config asks for one", path=init)
+        readout, readouts = checkpoint_readouts(data, test_idx, cfg, seed, log,
+                                                fm.readout if stage == "instruct" else None)
     if fm is None:
         llm, text_tok = load_base_llm(base_llm, device=dev, quantization=quantization)
         llm = add_lora(llm, cfg)
@@ -287,6 +299,8 @@ def train_stage(
         torch.manual_seed(seed)
         fm = FMRILM(llm, text_tok, codebook, roi_dim=tok.config.d_model, run_dim=tok.config.embed_dim, cfg=cfg,
                     readout=readout if cfg.readout else None)
+    if stage == "instruct" and cfg.readout and cfg.readout_layers:
+        fm.add_readout_adapter(cfg.readout_layers)
     fm.to(dev)
     fm.codebook = fm.codebook.to(dev)
     with torch.no_grad():
@@ -409,6 +423,15 @@ def train_stage(
         }
         if raw.readout is not None:
             meta["readout"] = {"values": raw.readout.dim, **raw.readout.info}
+        raw.calibration = {}
+        if stage == "instruct" and cfg.calibration_runs > 0:
+            from .evaluate_lm import fit_answer_calibration
+
+            t_cal = time.time()
+            raw.calibration = fit_answer_calibration(raw, tasks, data, train_idx, roi, readouts,
+                                                     max_runs=cfg.calibration_runs, seed=seed, log=log)
+            meta["calibration"] = raw.calibration
+            training[stage]["calibration_wall_s"] = round(time.time() - t_cal, 1)
         save_checkpoint(out / "model", raw, tok, tasks, meta)
         full = update_metrics(out / "model", {})
         log(f"checkpoint written to {out / 'model'} (id {full['id']})")
@@ -424,6 +447,50 @@ def train_stage(
             (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
             log(f"held-out metrics added to {out / 'model' / 'fmrilm.json'} and its model card")
     accelerator.wait_for_everyone()
+    return metrics
+
+
+def evaluate_checkpoint(model_dir: str | os.PathLike, corpus_jsonl: str | os.PathLike,
+                        timeseries_dir: str | os.PathLike, calibrate: bool = False, n_describe: int = 40,
+                        seed: int = 0, device: str = "auto", quantization: str = "auto",
+                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Evaluate a stage-3 checkpoint again on its held-out sites and store the figures in it.
+
+    The corpus and ROI series must be the ones it was trained on (the split and the readouts'
+    cross-fitting are rederived from them). With ``calibrate`` the answer calibration is fitted
+    again on the training runs first (``calibration_runs`` of its config; 0 removes it), which
+    changes the checkpoint's id. Returns the held-out evaluation.
+    """
+    from ..model.checkpoint import load_checkpoint, set_calibration, update_metrics
+    from ..model.llm import resolve_device
+    from .evaluate_lm import evaluate_heldout, fit_answer_calibration
+
+    log = log or (lambda m: click.echo(m, err=True))
+    fm, tok, tasks, meta = load_checkpoint(model_dir, device=resolve_device(device), quantization=quantization)
+    stage = meta.get("stage", "instruct")
+    cfg = fm.cfg
+    data = prepare_data(corpus_jsonl, timeseries_dir, tok, log=log)
+    held = meta.get("training", {}).get("heldout_sites") or []
+    train_idx, test_idx = split_sites(data, held)
+    if not len(test_idx):
+        raise UsageError("the checkpoint holds out no site of this corpus", path=model_dir,
+                         fix="evaluate on the corpus it was trained on")
+    if stage == "instruct":
+        train_idx = np.array([i for i in train_idx if any(t.answer_for(data.phenotype[i], data.z[i]) for t in tasks)])
+    readouts = None
+    if cfg.readout and fm.readout is not None:
+        _, readouts = checkpoint_readouts(data, test_idx, cfg, seed, log, fm.readout)
+    dev = next(fm.llm.parameters()).device
+    with torch.no_grad():
+        roi = tok.model.roi_embed(torch.from_numpy(data.coords)).detach().to(dev)
+    if calibrate:
+        fm.calibration = (fit_answer_calibration(fm, tasks, data, train_idx, roi, readouts, cfg.calibration_runs,
+                                                 seed, log) if cfg.calibration_runs > 0 else {})
+        set_calibration(model_dir, fm.calibration)
+    metrics = evaluate_heldout(fm, tok, tasks, data, train_idx, test_idx, roi, seed=seed, n_describe=n_describe,
+                               stage=stage, log=log, readouts=readouts)
+    update_metrics(model_dir, {stage: metrics})
+    log(f"held-out metrics written to {Path(model_dir) / 'fmrilm.json'} and its model card")
     return metrics
 
 
@@ -485,3 +552,21 @@ def pretrain_command(**kw):
 def instruct_command(**kw):
     """Stage 3: multi-task instruction tuning from a stage-2 checkpoint INIT; checkpoint in OUT_DIR/model."""
     _run_stage("instruct", **kw)
+
+
+@click.command("evaluate")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("corpus_jsonl", type=click.Path(exists=True, dir_okay=False))
+@click.option("--timeseries", "timeseries_dir", type=click.Path(exists=True, file_okay=False), required=True,
+              help="Participant-level output with the corpus's *_timeseries.tsv.gz runs.")
+@click.option("--calibrate", is_flag=True, help="Fit the answer calibration again on the training runs first.")
+@click.option("--n-describe", type=int, default=40, show_default=True,
+              help="Held-out runs whose generated description is scored.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--quantization", type=click.Choice(["auto", "4bit", "8bit", "none"]), default="auto", show_default=True)
+def evaluate_command(model_dir, corpus_jsonl, timeseries_dir, calibrate, n_describe, seed, device, quantization):
+    """Evaluate checkpoint MODEL_DIR again on its held-out sites of CORPUS_JSONL (figures, gates and
+    model card updated in place)."""
+    evaluate_checkpoint(model_dir, corpus_jsonl, timeseries_dir, calibrate=calibrate, n_describe=n_describe,
+                        seed=seed, device=device, quantization=quantization)

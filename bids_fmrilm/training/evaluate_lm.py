@@ -96,6 +96,7 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
     readouts, when the model reads one.
     """
     from ..descriptors.text import level_of, parse_levels
+    from ..model.calibration import apply_calibration
     from ..model.inference import generate_descriptions, next_patch_logits, score_tasks
     from .lm import make_block
 
@@ -129,8 +130,6 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
 
     # ---- constrained-answer tasks vs FC logistic regression and majority
     res["tasks"] = {}
-    from ..model.calibration import apply_calibration
-
     raw_proba = dict(zip([t.name for t in tasks], score_tasks(fm, blocks, tasks, calibrated=False)))
     calibration = getattr(fm, "calibration", {}) or {}
     for task in tasks:

@@ -135,6 +135,12 @@ def split_sites(data: LMData, heldout_sites: Sequence[str]) -> tuple[np.ndarray,
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
+def answerable(data: LMData, idx: np.ndarray, tasks: Sequence[Task]) -> np.ndarray:
+    """The runs of ``idx`` that answer at least one task: stage 3 trains on them, and its
+    evaluation fits the FC baselines and the answer calibration on the same runs."""
+    return np.array([i for i in idx if any(t.answer_for(data.phenotype[i], data.z[i]) for t in tasks)], dtype=int)
+
+
 def make_block(data: LMData, i: int, roi: torch.Tensor, max_patches: int, rng: np.random.Generator | None = None,
                readouts: np.ndarray | None = None) -> FMRIBlock:
     """Run ``i`` as a model input: a random crop (training) or the first ``max_patches`` patches;
@@ -170,16 +176,15 @@ def checkpoint_readouts(data: LMData, test_idx: np.ndarray, cfg: FMRILMConfig, s
     (cross-fitted readouts for those runs), or, given a checkpoint's ``readout``, that readout for
     the held-out runs and the refit's cross-fitted ones for the others (deterministic, so stage 3
     and a later evaluation see the readouts stage 2 trained on)."""
-    fit_idx = np.flatnonzero(~np.isin(np.arange(len(data.keys)), test_idx))
+    fit_idx = np.setdiff1d(np.arange(len(data.keys)), test_idx)
     fitted, readouts = run_readouts(data, fit_idx, default_tasks(cfg.descriptor_questions), cfg, seed, log)
     if readout is None:
         return fitted, readouts
     if not torch.allclose(readout.weight.cpu(), fitted.weight, atol=1e-4):
         log("warning: the readout refitted on these runs differs from the checkpoint's (another corpus?); "
             "the checkpoint's is kept")
-    others = np.setdiff1d(np.arange(len(data.keys)), fit_idx)
-    if len(others):
-        readouts[others] = np.stack([readout.vector(data.run_vec[i], data.coords) for i in others])
+    if len(test_idx):
+        readouts[test_idx] = np.stack([readout.vector(data.run_vec[i], data.coords) for i in test_idx])
     return readout, readouts
 
 
@@ -281,7 +286,7 @@ def train_stage(
         raise UsageError("no training runs left after holding out sites", fix="hold out fewer sites")
     tasks = default_tasks(cfg.descriptor_questions)
     if stage == "instruct":
-        train_idx = np.array([i for i in train_idx if any(t.answer_for(data.phenotype[i], data.z[i]) for t in tasks)])
+        train_idx = answerable(data, train_idx, tasks)
     log(f"{stage}: {len(train_idx)} training runs, {len(test_idx)} held-out runs (sites {', '.join(held) or 'none'})")
 
     # ---- the run readout: fitted at stage 2 on its training runs; stage 3 re-derives the
@@ -476,7 +481,7 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, corpus_jsonl: str | os.Pat
         raise UsageError("the checkpoint holds out no site of this corpus", path=model_dir,
                          fix="evaluate on the corpus it was trained on")
     if stage == "instruct":
-        train_idx = np.array([i for i in train_idx if any(t.answer_for(data.phenotype[i], data.z[i]) for t in tasks)])
+        train_idx = answerable(data, train_idx, tasks)
     readouts = None
     if cfg.readout and fm.readout is not None:
         _, readouts = checkpoint_readouts(data, test_idx, cfg, seed, log, fm.readout)

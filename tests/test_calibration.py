@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-from bids_fmrilm.model.calibration import apply_calibration, fit_calibration
+import pytest
+
+from bids_fmrilm.model.calibration import apply_calibration, evidence_matrix, fit_calibration, task_evidence
+from bids_fmrilm.model.tasks import AGE_GROUP, DIAGNOSIS, SEX, descriptor_task, label_task
 
 
 def _biased(n=600, prior=(0.0, 2.5, 0.0), signal=1.5, seed=0):
@@ -57,3 +60,61 @@ def test_calibration_applies_only_to_its_own_answers():
     assert np.array_equal(apply_calibration(p[:, :2] / p[:, :2].sum(1, keepdims=True), cal),
                           p[:, :2] / p[:, :2].sum(1, keepdims=True))  # another number of answers
     assert not np.allclose(apply_calibration(p, cal, ["lower", "typical", "higher"]), p)
+
+
+NAMES = ["pc1", "pc2", "sex:M", "age_group:value", "diagnosis:TD", "z:fc_within.mean"]
+
+
+def test_task_evidence_maps_readout_scores_to_answers():
+    assert task_evidence(DIAGNOSIS, NAMES) == {"columns": ["diagnosis:TD"], "design": [[0.0, 1.0]]}  # TD -> control
+    assert task_evidence(SEX, NAMES) == {"columns": ["sex:M"], "design": [[0.0, 1.0]]}
+    assert task_evidence(AGE_GROUP, NAMES) == {"columns": ["age_group:value"], "design": [[-1.0, 0.0, 1.0]]}
+    assert task_evidence(descriptor_task("fc_within.mean"), NAMES) == {"columns": ["z:fc_within.mean"],
+                                                                       "design": [[-1.0, 0.0, 1.0]]}
+    # nothing to read: a descriptor the readout has no score for, a user's own label
+    assert task_evidence(descriptor_task("graph.modularity"), NAMES) is None
+    assert task_evidence(label_task("handedness", ["L", "R"]), NAMES) is None
+    # three classes, one indicator each
+    three = ["site:A", "site:B", "site:C"]
+    from bids_fmrilm.model.tasks import Task
+
+    t = Task("site", "Which site?", ("a", "b", "c"), "phenotype:site", {"a": "a", "b": "b", "c": "c"})
+    ev = task_evidence(t, three)
+    assert ev["columns"] == three and np.array_equal(np.asarray(ev["design"]), np.eye(3))
+    R = np.array([[1.0, 2.0, 3.0]])
+    assert np.array_equal(evidence_matrix(ev, R, three), R)
+
+
+def _two_sources(n, seed):
+    """An LLM answer and a readout score, each weakly and independently informative."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    llm = 0.6 * y + rng.normal(0, 1, n) - 1.0
+    readouts = rng.normal(0, 1, (n, len(NAMES)))
+    readouts[:, NAMES.index("diagnosis:TD")] = 0.6 * y + rng.normal(0, 1, n)
+    return y, np.stack([1 / (1 + np.exp(llm)), 1 / (1 + np.exp(-llm))], 1), readouts
+
+
+def test_readout_evidence_fuses_two_sources_better_than_either_on_new_runs():
+    spec = task_evidence(DIAGNOSIS, NAMES)
+    y, p, R = _two_sources(2000, 0)
+    cal = fit_calibration(p, y, DIAGNOSIS.answers, evidence=evidence_matrix(spec, R, NAMES), evidence_spec=spec)
+    assert cal["evidence"] == spec and cal["weight"] > 0.3 and cal["scale"] > 0.3
+    y2, p2, R2 = _two_sources(2000, 1)
+    fused = apply_calibration(p2, cal, DIAGNOSIS.answers, R2, NAMES)[:, 1]
+    a_llm, a_ro, a_fused = (roc_auc_score(y2, s) for s in (p2[:, 1], R2[:, NAMES.index("diagnosis:TD")], fused))
+    assert a_fused > max(a_llm, a_ro) + 0.03
+    # the evidence is read by name: another readout value order gives the same answers
+    order = np.random.default_rng(5).permutation(len(NAMES))
+    again = apply_calibration(p2, cal, DIAGNOSIS.answers, R2[:, order], [NAMES[i] for i in order])
+    assert np.allclose(again[:, 1], fused)
+    with pytest.raises(ValueError, match="diagnosis:TD"):
+        apply_calibration(p2, cal, DIAGNOSIS.answers)  # the readouts are needed
+
+
+def test_uninformative_evidence_gets_no_weight():
+    spec = task_evidence(DIAGNOSIS, NAMES)
+    y, p, R = _two_sources(3000, 2)
+    R[:, NAMES.index("diagnosis:TD")] = np.random.default_rng(3).normal(0, 1, len(y))  # noise
+    cal = fit_calibration(p, y, DIAGNOSIS.answers, evidence=evidence_matrix(spec, R, NAMES), evidence_spec=spec)
+    assert abs(cal["weight"]) < 0.1

@@ -138,6 +138,10 @@ def test_information_gates_compare_with_fc_and_thresholds():
     # calibrated answers are the figures; the card names what calibration changed
     meta["metrics"]["instruct"]["tasks"]["desc:fc_within.mean"]["fmrilm_uncalibrated"] = {"balanced_accuracy": 0.41}
     assert "| 0.810 | FC logistic 0.950; majority accuracy None; uncalibrated 0.410 |" in model_card(meta)
+    # fused with the readout: each input alone beside the fused answer
+    meta["metrics"]["instruct"]["tasks"]["desc:fc_within.mean"].update(
+        fmrilm_llm_calibrated={"balanced_accuracy": 0.62}, readout_score={"balanced_accuracy": 0.7})
+    assert ("uncalibrated 0.410; LLM alone, calibrated 0.620; readout score alone 0.700 |") in model_card(meta)
 
 
 def test_heldout_evaluation_has_baselines(trained):
@@ -167,10 +171,17 @@ def test_answer_calibration_travels_with_the_checkpoint_and_evaluate_refits_it(t
     assert m.fm.calibration == cal
     run = next((trained["root"] / "data").glob("sub-02/func/*_timeseries.tsv.gz"))
     p = m.predict(run)
+    # the tiny model reads a run readout: its own scores of the phenotype and descriptor tasks join the answers
+    assert any(c.get("evidence") for c in cal.values())
+    assert all(set(c["parts"]) == {"llm", "readout"} and "weight" not in c["parts"]["llm"]
+               and c["parts"]["readout"]["evidence"] == c["evidence"] for c in cal.values() if c.get("evidence"))
+    assert all(set(c["evidence"]["columns"]) <= set(m.fm.readout.names) for c in cal.values() if c.get("evidence"))
+    readout = m.block(m.prepare(run)).readout.numpy()[None]
     m.fm.calibration = {}
     raw = m.predict(run)
     for name, c in cal.items():
-        want = apply_calibration(np.array([[raw[name][a] for a in answers[name]]]), c, answers[name])[0]
+        want = apply_calibration(np.array([[raw[name][a] for a in answers[name]]]), c, answers[name],
+                                 readout, m.fm.readout.names)[0]
         assert [p[name][a] for a in answers[name]] == pytest.approx(list(want))
     # fmrilm evaluate --calibrate on a copy: the same calibration again (deterministic), figures rewritten
     copy = tmp_path / "copy"
@@ -181,7 +192,11 @@ def test_answer_calibration_travels_with_the_checkpoint_and_evaluate_refits_it(t
     assert set(again["calibration"]) == set(cal)
     for n in cal:
         assert again["calibration"][n]["bias"] == pytest.approx(cal[n]["bias"], abs=1e-4)
+        assert again["calibration"][n].get("weight", 0.0) == pytest.approx(cal[n].get("weight", 0.0), abs=1e-4)
     assert again["metrics"]["instruct"]["n_heldout_runs"] == res["n_heldout_runs"] == 3
+    for name, entry in res["tasks"].items():  # every calibrated task that reads the readout gets both ablations
+        if (cal.get(name) or {}).get("evidence"):
+            assert {"fmrilm_llm_calibrated", "readout_score"} <= set(entry)
     q = FMRILMModel.load(copy, device="cpu").predict(run)
     assert all(q[n] == pytest.approx(p[n], abs=1e-4) for n in p)
 
@@ -631,6 +646,25 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     assert all(torch.equal(b.feats[:, 0, 0].long(), b.ids[:, 0]) for b in crops)  # features cropped with the ids
     assert len(m1.block(long).ids) == n and m1.block(long).feats.shape == (n, len(coords), c)
     assert p1.mean() > p0.mean() + 0.05
+    assert info["objective"] == "answer text"  # a label the checkpoint has no calibration for
+    # a calibrated task (fused with the readout's own score) is trained through its calibration
+    diag = label_prompt("diagnosis", "classification", ["ASD", "TD"], tasks)
+    assert m0.fm.calibration["diagnosis"].get("evidence")
+    q0 = score_options(m0.fm, [m0.block(r) for r in runs], diag.task)[:, 1]
+    m2, info2 = adapt(model, [(r, "control") for r in runs], diag,
+                      AdaptSettings(steps=12, lr=3e-3, device="cpu", quantization="none"))
+    assert info2["objective"] == "calibrated answer" and info2["first_grad_norm"] > 0
+    assert info2["last_loss"] < info2["first_loss"]
+    q1 = score_options(m2.fm, [m2.block(r) for r in runs], diag.task)[:, 1]
+    assert q1.mean() > q0.mean() + 0.05
+    # the training loss is the scored answer's: cross-entropy of the calibrated probabilities
+    from bids_fmrilm.levels.fewshot import calibrated_logits
+    from bids_fmrilm.model.inference import answer_scores
+
+    blks = [m2.block(r) for r in runs]
+    with torch.no_grad():
+        z = calibrated_logits(m2.fm, answer_scores(m2.fm, blks, diag.task), m2.fm.calibration["diagnosis"], blks)
+    np.testing.assert_allclose(torch.softmax(z, -1)[:, 1].numpy(), q1, atol=1e-4)
     # shots: K per class, nested, training fold only
     y = np.array(["A", "B"] * 10)
     train, test = np.arange(14), np.arange(14, 20)

@@ -17,6 +17,23 @@ stays close to the identity. Calibration never changes the order of runs for a t
 (its AUROC is unchanged); it moves the thresholds. It is stored in the checkpoint's
 ``fmrilm.json`` (``calibration``, keyed by task name) and applied to zero-shot answers only
 (few-shot prompts carry their own evidence).
+
+Readout evidence (late fusion). A checkpoint with a run readout (:mod:`~bids_fmrilm.model.readout`)
+carries, among the readout's values, its own linear score for most tasks: each phenotype class's
+indicator, the age, every descriptor's z-score. After stage 3 the LLM's answer follows that
+score only loosely (held-out diagnosis: LLM answer AUROC 0.61, the readout's score 0.73, their
+correlation 0.40 on ABIDE), and the two carry partly independent evidence (correlation 0.30 on
+training runs, where neither is memorised: the readout's scores of training runs are cross-fitted
+across sites). So the calibration adds the task's readout score with one fitted weight::
+
+    p'(a | run) = softmax_a( scale * log p(a | run) + bias_a + weight * e_a(run) )
+
+where ``e_a`` is the score of the class answer ``a`` stands for (class indicators) or, for ordered
+answers (age bins, descriptor levels), the value score times the answer's centred rank. Which
+readout values and how they map to answers (:func:`task_evidence`) is stored with the fit; the
+held-out evaluation reports the LLM's answers calibrated alone and the readout score calibrated
+alone (both fitted on the same training runs, stored under ``parts`` and never applied) beside
+the fused answer, so what each part carries stays visible.
 """
 
 from __future__ import annotations
@@ -25,11 +42,56 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-RIDGE = 1e-2  # penalty on (scale - 1) and the biases, relative to the class-balanced mean loss
+RIDGE = 1e-2  # penalty on (scale - 1), the biases and the evidence weight, relative to the class-balanced mean loss
+
+
+def task_evidence(task, names: Sequence[str]) -> dict[str, list] | None:
+    """The readout values that speak for ``task``'s answers, or None.
+
+    Parameters
+    ----------
+    task : Task
+        A checkpoint task (its ``source``, ``answers``, ``bins`` and ``value_map`` are read).
+    names : sequence of str
+        The readout's value names (:attr:`~bids_fmrilm.model.readout.Readout.names`).
+
+    Returns
+    -------
+    dict or None
+        ``columns`` (readout value names) and ``design`` (one row per column, one entry per
+        answer): the evidence of answer ``a`` is ``sum_c readout[c] * design[c][a]``. Descriptor
+        questions read ``z:<key>`` and binned phenotypes ``<task>:value``, both with the answers'
+        centred ranks; class phenotypes read each ``<task>:<class>`` indicator for the answer that
+        class maps to.
+    """
+    where, _, key = task.source.partition(":")
+    A = len(task.answers)
+    ranks = [a - (A - 1) / 2.0 for a in range(A)]
+    value = f"z:{key}" if where == "descriptor" else f"{task.name}:value" if where == "phenotype" and task.bins else None
+    if value is not None:
+        return {"columns": [value], "design": [ranks]} if value in names else None
+    if where != "phenotype":
+        return None
+    cols, design = [], []
+    for n in names:
+        head, _, cls = n.partition(":")
+        answer = (task.value_map or {}).get(cls.strip().lower()) if head == task.name and cls != "value" else None
+        if answer in task.answers:
+            cols.append(n)
+            design.append([1.0 if a == answer else 0.0 for a in task.answers])
+    return {"columns": cols, "design": design} if cols else None
+
+
+def evidence_matrix(spec: Mapping, readouts: np.ndarray, names: Sequence[str]) -> np.ndarray:
+    """Evidence (n_runs, n_answers) of a :func:`task_evidence` ``spec`` from run readouts (n_runs, S)
+    whose values are ``names``."""
+    idx = [list(names).index(c) for c in spec["columns"]]
+    return np.asarray(readouts, np.float64)[:, idx] @ np.asarray(spec["design"], np.float64)
 
 
 def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | None = None,
-                    ridge: float = RIDGE) -> dict[str, object]:
+                    ridge: float = RIDGE, evidence: np.ndarray | None = None,
+                    evidence_spec: Mapping | None = None) -> dict[str, object]:
     """Fit one task's calibration.
 
     Parameters
@@ -41,13 +103,19 @@ def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | N
     answers : sequence of str, optional
         The task's answers, recorded so that the calibration applies to this answer list only.
     ridge : float
-        Penalty on ``(scale - 1)**2 + sum(bias**2)``.
+        Penalty on ``(scale - 1)**2 + sum(bias**2) + weight**2``.
+    evidence : ndarray of shape (n_runs, n_answers), optional
+        Readout evidence of the same runs (:func:`evidence_matrix`; cross-fitted readouts for
+        training runs); fits the evidence ``weight`` too.
+    evidence_spec : mapping, optional
+        The :func:`task_evidence` that made ``evidence``, stored with the fit.
 
     Returns
     -------
     dict
         ``scale`` (float, > 0), ``bias`` (list, one per answer, the first 0), ``answers``,
-        ``n`` (runs used) and ``class_counts``.
+        ``n`` (runs used) and ``class_counts``; with evidence also ``evidence`` (the spec) and
+        ``weight``.
     """
     from scipy.optimize import minimize
 
@@ -58,10 +126,15 @@ def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | N
     present = counts > 0
     w = np.where(present, 1.0 / np.maximum(counts, 1.0), 0.0)[y] / present.sum()  # class-balanced weights
 
+    E = None if evidence is None else np.asarray(evidence, np.float64)
+    n_b = A - 1
+
     def loss(theta):
-        log_scale, b = theta[0], np.concatenate([[0.0], theta[1:]])
+        log_scale, b = theta[0], np.concatenate([[0.0], theta[1:1 + n_b]])
         scale = np.exp(log_scale)
         z = scale * logp + b
+        if E is not None:
+            z = z + theta[-1] * E
         z = z - z.max(1, keepdims=True)
         lse = np.log(np.exp(z).sum(1))
         p = np.exp(z - lse[:, None])
@@ -70,30 +143,55 @@ def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | N
         g[np.arange(n), y] -= 1.0
         g *= w[:, None]  # d nll / d z
         d_log_scale = float(np.sum(g * logp)) * scale
-        d_b = g.sum(0)[1:]
+        grad = np.concatenate([[d_log_scale], g.sum(0)[1:]] + ([[float(np.sum(g * E))]] if E is not None else []))
         pen = ridge * ((scale - 1.0) ** 2 + np.sum(theta[1:] ** 2))
-        d_pen_scale = ridge * 2.0 * (scale - 1.0) * scale
-        return nll + pen, np.concatenate([[d_log_scale + d_pen_scale], d_b + 2.0 * ridge * theta[1:]])
+        d_pen = 2.0 * ridge * theta
+        d_pen[0] = ridge * 2.0 * (scale - 1.0) * scale
+        return nll + pen, grad + d_pen
 
-    res = minimize(loss, np.zeros(A), jac=True, method="L-BFGS-B", bounds=[(-4.0, 4.0)] + [(-20.0, 20.0)] * (A - 1))
+    bounds = [(-4.0, 4.0)] + [(-20.0, 20.0)] * n_b + ([(-20.0, 20.0)] if E is not None else [])
+    res = minimize(loss, np.zeros(len(bounds)), jac=True, method="L-BFGS-B", bounds=bounds)
     theta = res.x
-    return {"scale": float(np.exp(theta[0])), "bias": [0.0] + [float(v) for v in theta[1:]],
-            "answers": None if answers is None else [str(a) for a in answers], "n": int(n),
-            "class_counts": [int(c) for c in counts]}
+    out: dict[str, object] = {"scale": float(np.exp(theta[0])), "bias": [0.0] + [float(v) for v in theta[1:1 + n_b]],
+                              "answers": None if answers is None else [str(a) for a in answers], "n": int(n),
+                              "class_counts": [int(c) for c in counts]}
+    if E is not None:
+        out["weight"] = float(theta[-1])
+        out["evidence"] = None if evidence_spec is None else {k: list(v) for k, v in evidence_spec.items()}
+    return out
 
 
-def apply_calibration(proba: np.ndarray, calibration: Mapping | None,
-                      answers: Sequence[str] | None = None) -> np.ndarray:
+def applies(calibration: Mapping | None, answers: Sequence[str]) -> bool:
+    """Whether ``calibration`` is fitted for a task whose answers are ``answers`` (same answers, same order)."""
+    return bool(calibration) and len(calibration.get("bias", ())) == len(answers) and (
+        calibration.get("answers") is None or list(calibration["answers"]) == [str(a) for a in answers])
+
+
+def apply_calibration(proba: np.ndarray, calibration: Mapping | None, answers: Sequence[str] | None = None,
+                      readouts: np.ndarray | None = None, readout_names: Sequence[str] | None = None) -> np.ndarray:
     """Calibrated probabilities (n_runs, n_answers) of a task whose answers are ``answers``;
     unchanged without a calibration, or when the calibration was fitted on another answer list
-    (e.g. a group-level label that shares a task's name)."""
+    (e.g. a group-level label that shares a task's name).
+
+    A calibration with readout evidence needs the runs' readouts (n_runs, S) and the readout's
+    value names (:attr:`~bids_fmrilm.model.readout.Readout.names`).
+
+    Raises
+    ------
+    ValueError
+        When the calibration reads readout evidence and ``readouts`` or a value it reads is missing.
+    """
     p = np.asarray(proba, np.float64)
-    if not calibration or len(calibration.get("bias", ())) != p.shape[1]:
-        return p
-    if answers is not None and calibration.get("answers") is not None \
-            and [str(a) for a in answers] != list(calibration["answers"]):
+    if not calibration or len(calibration.get("bias", ())) != p.shape[1] \
+            or (answers is not None and not applies(calibration, answers)):
         return p
     z = float(calibration["scale"]) * np.log(np.clip(p, 1e-12, 1.0)) + np.asarray(calibration["bias"], np.float64)
+    spec = calibration.get("evidence")
+    if spec and calibration.get("weight"):
+        if readouts is None or readout_names is None or not set(spec["columns"]) <= set(readout_names):
+            raise ValueError(f"this answer calibration reads the run readout's {', '.join(spec['columns'])}; "
+                             "pass the runs' readouts and the readout's value names")
+        z = z + float(calibration["weight"]) * evidence_matrix(spec, readouts, readout_names)
     z = z - z.max(1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)

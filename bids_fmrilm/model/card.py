@@ -24,10 +24,12 @@ def _metric_rows(metrics: dict[str, Any]) -> list[str]:
             fm = t.get("fmrilm", {})
             fc = t.get("fc_logistic", {})
             key = "auroc" if "auroc" in fm else "balanced_accuracy"
-            unc = t.get("fmrilm_uncalibrated", {}).get(key)
+            parts = [(label, t.get(k, {}).get(key)) for label, k in (
+                ("uncalibrated", "fmrilm_uncalibrated"), ("LLM alone, calibrated", "fmrilm_llm_calibrated"),
+                ("readout score alone", "readout_score"))]
             rows.append(f"| {stage} | {name} {key} (n={t['n']}) | {_fmt(fm.get(key))} | FC logistic "
                         f"{_fmt(fc.get(key, 'n/a'))}; majority accuracy {_fmt(t.get('majority_accuracy'))}"
-                        + (f"; uncalibrated {_fmt(unc)}" if unc is not None else "") + " |")
+                        + "".join(f"; {label} {_fmt(v)}" for label, v in parts if v is not None) + " |")
         d = m.get("descriptions")
         if d:
             rows.append(f"| {stage} | description level agreement ({d['statements']} statements) | "
@@ -89,8 +91,12 @@ def model_card(meta: dict[str, Any]) -> str:
         lines += ["", "## Answer calibration",
                   "Zero-shot answers are calibrated (model/calibration.py): per task one temperature and one offset per",
                   "answer, fitted class-balanced on the model's own answers of training runs "
-                  f"({max(c.get('n', 0) for c in cal.values())} runs at most): "
-                  + "; ".join(f"{n} scale {c['scale']:.2f}" for n, c in sorted(cal.items())) + "."]
+                  f"({max(c.get('n', 0) for c in cal.values())} runs at most)"
+                  + (", fused with the run readout's own score of the task (late fusion, one fitted weight; the "
+                     "held-out rows show the LLM alone and the readout score alone)"
+                     if any(c.get("weight") for c in cal.values()) else "") + ": "
+                  + "; ".join(f"{n} scale {c['scale']:.2f}" + (f", readout weight {c['weight']:+.2f}" if c.get("weight")
+                                                                 else "") for n, c in sorted(cal.items())) + "."]
     lines += ["", "## Held-out metrics (site-disjoint)", ""]
     rows = _metric_rows(meta.get("metrics", {}))
     if rows:

@@ -77,14 +77,34 @@ def score_tasks(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task], 
                         k += c
                 assert k == len(vals), "answer tokens and targets disagree"
     out = []
+    names = readouts = None
+    if calibrated and not shots and getattr(fm, "readout", None) is not None \
+            and all(b.readout is not None for b in blocks) and len(blocks):
+        names, readouts = fm.readout.names, np.stack([b.readout.float().cpu().numpy() for b in blocks])
     for task, sc in zip(tasks, scores):
         sc = sc - sc.max(1, keepdims=True)
         p = np.exp(sc)
         p = p / p.sum(1, keepdims=True)
         if calibrated and not shots:
-            p = apply_calibration(p, getattr(fm, "calibration", {}).get(task.name), task.answers)
+            p = apply_calibration(p, getattr(fm, "calibration", {}).get(task.name), task.answers, readouts, names)
         out.append(p)
     return out
+
+
+def answer_scores(fm: FMRILM, blocks: Sequence[FMRIBlock], task: Task) -> torch.Tensor:
+    """Summed log-probabilities (n_blocks, n_answers) of each answer of ``task`` after each block's
+    question, with gradients (few-shot training); :func:`score_tasks` normalises the same scores."""
+    examples = [multi_instruction_segments(i, [(task, a) for a in task.answers]) for i in range(len(blocks))]
+    built = fm.build(examples, list(blocks))
+    lp = fm.text_logprobs(fm.hidden(built), built["targets"])
+    rows = torch.tensor([t[0] for t in built["targets"]], device=lp.device)
+    n_tok = [len(fm._encode_text(" " + a)) for a in task.answers]
+    out = []
+    for b in range(len(blocks)):
+        vals = lp[rows == b]
+        assert len(vals) == sum(n_tok), "answer tokens and targets disagree"
+        out.append(torch.stack([part.sum() for part in torch.split(vals, n_tok)]))
+    return torch.stack(out)
 
 
 @torch.no_grad()

@@ -63,10 +63,11 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
     answers among them gets a calibration fitted on the runs that have an answer. Returns
     ``{task name: calibration}``.
     """
-    from ..model.calibration import fit_calibration
+    from ..model.calibration import evidence_matrix, fit_calibration, task_evidence
     from ..model.inference import score_tasks
     from .lm import make_block
 
+    names = fm.readout.names if readouts is not None and getattr(fm, "readout", None) is not None else None
     idx = np.asarray(idx)
     if len(idx) > max_runs:
         idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_runs, replace=False))
@@ -79,9 +80,16 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
         keep = y >= 0
         if keep.sum() < 4 or len(np.unique(y[keep])) < 2:
             continue
-        out[task.name] = fit_calibration(proba[keep], y[keep], task.answers)
-        log(f"calibration {task.name}: scale {out[task.name]['scale']:.2f}, bias "
-            f"{', '.join(f'{b:+.2f}' for b in out[task.name]['bias'])} ({int(keep.sum())} training runs)")
+        spec = task_evidence(task, names) if names is not None else None
+        ev = None if spec is None else evidence_matrix(spec, readouts[idx[keep]], names)
+        out[task.name] = c = fit_calibration(proba[keep], y[keep], task.answers, evidence=ev, evidence_spec=spec)
+        if spec is not None:  # each input calibrated alone, for the held-out ablation rows (not applied)
+            flat = np.full_like(proba[keep], 1.0 / proba.shape[1])
+            c["parts"] = {"llm": fit_calibration(proba[keep], y[keep], task.answers),
+                          "readout": fit_calibration(flat, y[keep], task.answers, evidence=ev, evidence_spec=spec)}
+        log(f"calibration {task.name}: scale {c['scale']:.2f}, bias {', '.join(f'{b:+.2f}' for b in c['bias'])}"
+            + (f", readout weight {c['weight']:+.2f} ({', '.join(spec['columns'])})" if spec else "")
+            + f" ({int(keep.sum())} training runs)")
     return out
 
 
@@ -143,11 +151,21 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
         yt = np.array([ai[a] for a in np.array(y_test, dtype=object)[keep]])
         ytr = np.array([ai[a] for a in np.array(y_train, dtype=object)[keep_tr]])
         raw = raw_proba[task.name][keep]
-        proba = apply_calibration(raw, calibration.get(task.name), task.answers)
+        cal = calibration.get(task.name)
+        ro = None if readouts is None else readouts[test_idx[keep]]
+        names = None if getattr(fm, "readout", None) is None else fm.readout.names
+        proba = apply_calibration(raw, cal, task.answers, ro, names)
         entry: dict[str, Any] = {"n": int(keep.sum()), "class_counts": {a: int((yt == k).sum()) for a, k in ai.items()}}
         entry["fmrilm"] = _task_metrics(yt, proba)
-        if task.name in calibration:  # what the answer calibration changed
+        if cal:  # what the answer calibration changed, and what each of its inputs carries alone
             entry["fmrilm_uncalibrated"] = _task_metrics(yt, raw)
+            parts = cal.get("parts") or {}
+            if "llm" in parts:
+                entry["fmrilm_llm_calibrated"] = _task_metrics(yt, apply_calibration(raw, parts["llm"], task.answers))
+            if "readout" in parts and ro is not None:
+                flat = np.full_like(raw, 1.0 / raw.shape[1])
+                entry["readout_score"] = _task_metrics(yt, apply_calibration(flat, parts["readout"], task.answers,
+                                                                             ro, names))
         majority = int(np.bincount(ytr, minlength=len(task.answers)).argmax())
         entry["majority_accuracy"] = float(np.mean(yt == majority))
         old = ((previous or {}).get("tasks") or {}).get(task.name) or {}

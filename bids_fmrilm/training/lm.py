@@ -408,6 +408,8 @@ def train_stage(
                            "steps": step, "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),
                            "n_train_runs": int(len(train_idx)), "device": str(dev),
                            "quantization": getattr(raw.llm, "bids_fmrilm_quantization", "none")}
+        if prev_meta.get("stage") == stage:  # a continued stage: what it started from
+            training[stage]["continued_from"] = {"id": prev_meta.get("id"), **(prev_meta.get("training", {}).get(stage) or {})}
         training.update(heldout_sites=held, train_sites=sorted(set(data.sites) - set(held)),
                         n_heldout_runs=int(len(test_idx)))
         refs = {ln.get("reference_id") for ln in _corpus_lines(corpus_jsonl) if ln.get("reference_id")}

@@ -83,6 +83,10 @@ def _setup_logging(debug: bool) -> None:
                    "Default: 8 32 all.")
 @click.option("--adapt-steps", type=click.IntRange(1), default=20, show_default=True,
               help="Group level: LoRA optimisation steps per few-shot adaptation.")
+@click.option("--adapt-validation", type=click.FloatRange(0.0, 0.5), default=0.25, show_default=True,
+              metavar="SHARE",
+              help="Group level: share of the few-shot participants held out for early stopping (the adapter weights "
+                   "with the lowest held-out loss are kept, the unadapted checkpoint included); 0 turns it off.")
 @click.option("--adapter", type=click.Path(path_type=Path), metavar="DIR",
               help="Participant level: a group-level adapter (group/label-<L>_adapter) whose label is predicted "
                    "beside the checkpoint's tasks.")
@@ -134,6 +138,7 @@ def bids_app_command(**kw) -> int:
         folds=kw["folds"],
         shots=tuple(x for v in kw["shots"] for x in v.replace(",", " ").split()) or ("8", "32", "all"),
         adapt_steps=kw["adapt_steps"],
+        adapt_validation=kw["adapt_validation"],
         adapter=kw["adapter"],
         debug=kw["debug"],
         descriptor_reference=kw["descriptor_reference"],

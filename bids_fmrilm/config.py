@@ -61,6 +61,7 @@ class Config:
     folds: int = 5
     shots: tuple[str, ...] = ("8", "32", "all")  # group level: few-shot K per class for the learning curve
     adapt_steps: int = 20  # group level: LoRA optimisation steps per adaptation
+    adapt_validation: float = 0.25  # group level: share of the shots held out for early stopping
     adapter: Path | None = None  # participant level: a group-level adapter used beside the checkpoint
     debug: bool = False
     descriptor_reference: Path | None = None

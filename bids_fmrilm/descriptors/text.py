@@ -260,3 +260,40 @@ def parse_levels(text: str, keys) -> dict[str, str]:
         if m:
             out[key] = _PHRASE_LEVELS[m.group(1)]
     return out
+
+
+def pending_level(text: str, levels: Mapping[str, str]) -> tuple[str, int] | None:
+    """The level phrase a description being written is about to state, for guided decoding.
+
+    Parameters
+    ----------
+    text : str
+        The description so far.
+    levels : mapping
+        Feature key -> level (``"lower"``, ``"typical"``, ...) the description must state.
+
+    Returns
+    -------
+    tuple or None
+        ``(phrase, begun)`` when the current sentence names the subject of a key of ``levels``
+        and states no level after it yet: the key's level phrase and how many of its characters
+        already end ``text`` (0 before the phrase starts). None otherwise.
+    """
+    low = text.lower()
+    cut = low.rfind(". ")
+    sentence = low[cut + 2:] if cut >= 0 else low
+    best = None  # (end of the subject, its length, phrase): the last subject named, the longest on ties
+    for key, level in levels.items():
+        subject = feature_subject(key).lower()
+        i = sentence.rfind(subject)
+        if i >= 0 and (best is None or (i + len(subject), len(subject)) > best[:2]):
+            best = (i + len(subject), len(subject), LEVEL_PHRASES[level])
+    if best is None:
+        return None
+    tail, phrase = sentence[best[0]:], best[2]
+    if _LEVEL_PATTERN.search(tail):
+        return None
+    for j in range(len(phrase) - 1, 0, -1):
+        if tail.endswith(phrase[:j]) and (len(tail) == j or tail[-j - 1] in " :("):
+            return phrase, j
+    return phrase, 0

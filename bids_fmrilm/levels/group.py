@@ -162,7 +162,8 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
         from .fewshot import AdaptSettings, final_adapter, fmrilm_cv, parse_shots
 
         shots = parse_shots(cfg.shots)
-        settings = AdaptSettings(steps=cfg.adapt_steps, seed=cfg.seed, device=cfg.device, quantization=cfg.quantization)
+        settings = AdaptSettings(steps=cfg.adapt_steps, validation=cfg.adapt_validation, seed=cfg.seed,
+                                 device=cfg.device, quantization=cfg.quantization)
         fm_result = fmrilm_cv(cfg.model, meta, cfg.label, labels.task_type, classes, pids, y, folds, runs, shots, settings)
         preds.update(fm_result.predictions)
         final_adapter(cfg.model, meta, group / f"{stem}_adapter", cfg.label, labels.task_type, classes, pids, y, runs,
@@ -206,7 +207,7 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
         result.update({
             "Model": {"Path": str(cfg.model), "ID": meta.get("id")},
             "Prompt": fm_result.prompt.to_dict() if fm_result.prompt else "regression: quantile bins of each fold's targets",
-            "Shots": cfg.shots, "AdaptationSteps": cfg.adapt_steps, "Adaptation": fm_result.adaptation,
+            "Shots": cfg.shots, "AdaptationSteps": cfg.adapt_steps, "AdaptationValidation": cfg.adapt_validation, "Adaptation": fm_result.adaptation,
             "Adapter": f"{stem}_adapter",
         })
     write_json(group / f"{stem}_metrics.json", json_safe(result))

@@ -30,7 +30,8 @@ from ..errors import BidsAppError, DataError, ExitCode, MissingInputError, Usage
 
 log = logging.getLogger("bids_fmrilm")
 
-SAMPLING = {"strategy": "greedy", "max_new_tokens": 96}
+SAMPLING = {"strategy": "greedy", "max_new_tokens": 96,
+            "levels": "guided: the descriptor levels of the zero-shot predictions (LevelGuide)"}
 
 
 def model_kind(spec: str | os.PathLike) -> str:
@@ -178,14 +179,17 @@ def compute_fmrilm(model: LoadedModel, item: dict[str, Any]) -> None:
     outputs do not depend on which other runs were selected: padding a batch of runs of different
     lengths changes results in the 6th digit.
     """
-    from ..model.inference import embed_blocks, generate_descriptions, score_options, score_tasks
+    from ..model.inference import description_levels, embed_blocks, generate_descriptions, score_options, score_tasks
 
     api = model.api
     blk = api.block(item["prepared"])
     item["embedding"] = embed_blocks(api.fm, [blk])[0]
-    item["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"])[0]
-    probas = score_tasks(api.fm, [blk], list(api.tasks.values()))  # one pass for every task
+    tasks = list(api.tasks.values())
+    probas = score_tasks(api.fm, [blk], tasks)  # one pass for every task
     item["predictions"] = {name: p[0] for name, p in zip(api.tasks, probas)}
+    # the description states the descriptor levels the predictions give (guided decoding)
+    levels = description_levels(tasks, probas, getattr(api.fm, "calibration", None))
+    item["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"], levels=levels)[0]
     if model.adapter_task is not None:
         key, task = model.adapter_task
         api.fm.llm.set_adapter("label")

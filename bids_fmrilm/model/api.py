@@ -143,11 +143,22 @@ class FMRILMModel:
 
         return embed_blocks(self.fm, [self.block(self.prepare(run))])[0]
 
-    def describe(self, run: Any, max_new_tokens: int = 96) -> str:
-        """Generated descriptor-style text for a run (greedy, deterministic)."""
-        from .inference import generate_descriptions
+    def describe(self, run: Any, max_new_tokens: int = 96, guided: bool = True) -> str:
+        """Generated descriptor-style text for a run (greedy, deterministic).
 
-        return generate_descriptions(self.fm, [self.block(self.prepare(run))], max_new_tokens)[0]
+        With ``guided`` the levels it states for descriptors are those of the model's own
+        (calibrated) answers to the descriptor questions (:func:`~.inference.description_levels`),
+        as in the participant level's outputs; ``guided=False`` is the unconstrained text.
+        """
+        from .inference import description_levels, generate_descriptions, score_tasks
+
+        blk = [self.block(self.prepare(run))]
+        levels = None
+        if guided:
+            tasks = [t for t in self.tasks.values() if t.source.startswith("descriptor:")]
+            if tasks:
+                levels = description_levels(tasks, score_tasks(self.fm, blk, tasks), getattr(self.fm, "calibration", None))
+        return generate_descriptions(self.fm, blk, max_new_tokens, levels=levels)[0]
 
     def predict(self, run: Any, task: str | Task | None = None) -> dict[str, Any]:
         """Probabilities of each allowed answer: ``{answer: p}`` for one task, or

@@ -34,7 +34,9 @@ def _metric_rows(metrics: dict[str, Any]) -> list[str]:
         if d:
             rows.append(f"| {stage} | description level agreement ({d['statements']} statements) | "
                         f"{_fmt(d['agreement'])} | another run's levels {_fmt(d['agreement_other_run'])}; "
-                        f"always typical {_fmt(d['agreement_always_typical'])} |")
+                        f"always typical {_fmt(d['agreement_always_typical'])}"
+                        + (f"; unguided decoding {_fmt(d['unguided']['agreement'])}" if d.get("unguided") else "")
+                        + " |")
     return rows
 
 

@@ -7,8 +7,9 @@ Four gates, all on the checkpoint's held-out sites, each beside the FC baseline 
 2. the zero-shot answers of the last stage reach diagnosis and sex AUROC >= FC logistic and
    >= :data:`MIN_ZERO_SHOT_AUROC`;
 3. every descriptor question (``desc:*``) reaches balanced accuracy >= :data:`MIN_DESCRIPTOR_BACC`;
-4. generated descriptions state the run's levels with agreement >= :data:`MIN_AGREEMENT` and
-   repeat no sentence.
+4. generated descriptions, as the participant level writes them (guided to state the levels of
+   the model's own descriptor answers), state the run's levels with agreement >=
+   :data:`MIN_AGREEMENT` and repeat no sentence; the unguided agreement is shown beside it.
 
 :func:`information_gates` computes them from a checkpoint's metadata; the model card prints them
 and the training commands store them in ``fmrilm.json`` (``gates``).
@@ -82,7 +83,9 @@ def information_gates(meta: dict[str, Any], tokenizer_meta: dict[str, Any] | Non
         rows.append(_gate(3, "descriptor questions balanced accuracy", None, MIN_DESCRIPTOR_BACC))
     desc = (last or {}).get("descriptions") or {}
     rows.append(_gate(4, "description level agreement", desc.get("agreement"), MIN_AGREEMENT,
-                      detail=f"always typical {desc['agreement_always_typical']:.3f}" if desc else ""))
+                      detail=(f"always typical {desc['agreement_always_typical']:.3f}"
+                              + (f", unguided decoding {desc['unguided']['agreement']:.3f}" if desc.get("unguided") else ""))
+                      if desc else ""))
     rep = desc.get("runs_with_repeated_sentences")
     rows.append(_gate(4, "descriptions with a repeated sentence", rep, 0,
                       passed=None if rep is None else rep == 0, detail=f"of {desc.get('n_runs')} runs" if desc else ""))

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from .calibration import apply_calibration
 from .fmrilm import FMRILM, FMRIBlock
@@ -121,19 +122,95 @@ def embed_blocks(fm: FMRILM, blocks: Sequence[FMRIBlock], batch_size: int = 16) 
 
 
 @torch.no_grad()
-def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_tokens: int = 64) -> list[str]:
-    """Greedy descriptions after ``<fmri>...</fmri> Description:`` (one run at a time)."""
+def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_tokens: int = 64,
+                          levels: Sequence[dict[str, str]] | None = None) -> list[str]:
+    """Greedy descriptions after ``<fmri>...</fmri> Description:`` (one run at a time).
+
+    With ``levels`` (one ``{feature key: level}`` per block, e.g. from :func:`description_levels`)
+    decoding is guided: wherever the model starts to state the level of one of those features,
+    the level phrase is the given one (:class:`LevelGuide`); everything else, including which
+    features it describes and the text after the level, is the model's own greedy choice.
+    """
     fm.eval()
     texts = []
     tok = fm.text_tokenizer
     for i in range(len(blocks)):
         built = fm.build([describe_segments(i)], list(blocks))
+        guide = LogitsProcessorList([LevelGuide(tok, levels[i])]) if levels is not None and levels[i] else None
         with fm.conditioned(built):
             ids = fm.llm.generate(inputs_embeds=built["embeds"], attention_mask=built["mask"],
                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                                  eos_token_id=tok.eos_token_id)
+                                  eos_token_id=tok.eos_token_id, logits_processor=guide)
         texts.append(tok.decode(ids[0], skip_special_tokens=True).strip())
     return texts
+
+
+_LEVEL_WORDS = ("markedly", "lower", "higher", "typical", "unavailable")
+
+
+class LevelGuide(LogitsProcessor):
+    """Logits processor (``transformers`` protocol) that makes a description state given levels.
+
+    At each step the text so far is checked with
+    :func:`~bids_fmrilm.descriptors.text.pending_level`: once a sentence names a guided feature
+    and the model's next token would begin a level word, the target level phrase is forced token
+    by token instead. The model keeps choosing the sentence, the features and what follows.
+    One sequence at a time (``generate_descriptions`` decodes runs one by one).
+    """
+
+    def __init__(self, tokenizer, levels: dict[str, str]):
+        self.tokenizer, self.levels = tokenizer, dict(levels)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        from ..descriptors.text import pending_level
+
+        text = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
+        pending = pending_level(text, self.levels)
+        if pending is None:
+            return scores
+        phrase, begun = pending
+        if begun:
+            rest = phrase[begun:]
+        else:
+            nxt = self.tokenizer.decode([int(scores[0].argmax())])
+            word = nxt.strip().lower()
+            starts_word = nxt[:1].isspace() or not text or text[-1] in " :("
+            if not (starts_word and len(word) >= 2 and any(w.startswith(word) or word.startswith(w) for w in _LEVEL_WORDS)):
+                return scores
+            rest = (" " if nxt[:1].isspace() else "") + phrase
+        if not rest:
+            return scores
+        forced = self.tokenizer.encode(rest, add_special_tokens=False)[0]
+        if int(scores[0].argmax()) == forced:  # the model says it anyway
+            return scores
+        out = torch.full_like(scores, float("-inf"))
+        out[:, forced] = 0.0
+        return out
+
+
+def description_levels(tasks: Sequence[Task], probas: Sequence[np.ndarray], calibration: dict | None = None
+                       ) -> list[dict[str, str]]:
+    """Per run, the level of each descriptor the model's answers state: ``{feature key: level}``.
+
+    ``probas`` are :func:`score_tasks` outputs of ``tasks`` (calibrated). A calibration is fitted
+    class-balanced, so its probabilities assume equal levels; the stated level is the most probable
+    one under the training runs' level frequencies (its ``class_counts``), the choice that is most
+    often right, as a description should be.
+    """
+    from .calibration import applies
+
+    n = len(probas[0]) if len(probas) else 0
+    out: list[dict[str, str]] = [{} for _ in range(n)]
+    for task, p in zip(tasks, probas):
+        kind, _, key = task.source.partition(":")
+        if kind != "descriptor" or list(task.answers) != ["lower", "typical", "higher"]:
+            continue
+        cal = (calibration or {}).get(task.name)
+        prior = np.asarray(cal["class_counts"], np.float64) + 1.0 if applies(cal, task.answers) \
+            and cal.get("class_counts") else np.ones(len(task.answers))
+        for r, a in enumerate((np.asarray(p) * prior).argmax(1)):
+            out[r][key] = task.answers[int(a)]
+    return out
 
 
 @torch.no_grad()

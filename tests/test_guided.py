@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from bids_fmrilm.descriptors.text import parse_levels, pending_level
+from bids_fmrilm.descriptors.text import drop_repeated_features, parse_levels, pending_level
 from bids_fmrilm.model.llm import gguf_available
 from bids_fmrilm.model.tasks import SEX, descriptor_task
 
@@ -28,6 +28,18 @@ def test_pending_level_finds_the_level_slot_of_guided_features():
     # features that are not guided, and no text yet
     assert pending_level("Average between-network connectivity is", LEVELS) is None
     assert pending_level("", LEVELS) is None
+
+
+def test_a_description_ends_where_it_starts_describing_a_feature_again():
+    keys = ["graph.global_efficiency", "graph.modularity", "fc_within.mean"]
+    text = ("Descriptors of this run. Modularity of the functional graph is typical (z=0.1). This run shows global "
+            "efficiency of the functional graph that is lower than average (z=-1.6). Global efficiency of the "
+            "functional graph is lower than average (z=-1.2). Global efficiency of the")
+    cut = drop_repeated_features(text, keys)
+    assert cut.endswith("lower than average (z=-1.6).") and cut.count("lobal efficiency") == 1
+    assert parse_levels(cut, keys) == {"graph.modularity": "typical", "graph.global_efficiency": "lower"}
+    once = "Modularity of the functional graph is typical (z=0.1). Average within-network connectivity: typical"
+    assert drop_repeated_features(once, keys) == once  # nothing repeated: unchanged, unfinished sentence kept
 
 
 def test_description_levels_state_the_most_probable_level_under_the_training_frequencies():

@@ -297,3 +297,20 @@ def pending_level(text: str, levels: Mapping[str, str]) -> tuple[str, int] | Non
         if tail.endswith(phrase[:j]) and (len(tail) == j or tail[-j - 1] in " :("):
             return phrase, j
     return phrase, 0
+
+
+def drop_repeated_features(text: str, keys) -> str:
+    """``text`` up to the first sentence that names a feature of ``keys`` an earlier sentence named.
+
+    A generated description that starts describing a feature again has begun to loop; what
+    follows adds nothing and may contradict the first statement.
+    """
+    subjects = [feature_subject(k).lower() for k in keys]
+    seen: set[str] = set()
+    parts = text.split(". ")
+    for i, sentence in enumerate(parts):
+        named = {s for s in subjects if s in sentence.lower()}
+        if named & seen:
+            return ". ".join(parts[:i]) + "."
+        seen |= named
+    return text

@@ -129,8 +129,12 @@ def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_token
     With ``levels`` (one ``{feature key: level}`` per block, e.g. from :func:`description_levels`)
     decoding is guided: wherever the model starts to state the level of one of those features,
     the level phrase is the given one (:class:`LevelGuide`); everything else, including which
-    features it describes and the text after the level, is the model's own greedy choice.
+    features it describes and the text after the level, is the model's own greedy choice. A guided
+    description ends before a sentence that describes a feature a second time
+    (:func:`~bids_fmrilm.descriptors.text.drop_repeated_features`).
     """
+    from ..descriptors.text import drop_repeated_features
+
     fm.eval()
     texts = []
     tok = fm.text_tokenizer
@@ -141,7 +145,8 @@ def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_token
             ids = fm.llm.generate(inputs_embeds=built["embeds"], attention_mask=built["mask"],
                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id, logits_processor=guide)
-        texts.append(tok.decode(ids[0], skip_special_tokens=True).strip())
+        text = tok.decode(ids[0], skip_special_tokens=True).strip()
+        texts.append(drop_repeated_features(text, levels[i]) if guide is not None else text)
     return texts
 
 

@@ -670,7 +670,7 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
 
     blks = [m2.block(r) for r in runs]
     with torch.no_grad():
-        z = calibrated_logits(m2.fm, answer_scores(m2.fm, blks, diag.task), m2.fm.calibration["diagnosis"], blks)
+        z = calibrated_logits(m2.fm, answer_scores(m2.fm, blks, [diag.task])[0], m2.fm.calibration["diagnosis"], blks)
     np.testing.assert_allclose(torch.softmax(z, -1)[:, 1].numpy(), q1, atol=1e-4)
     # early stopping on held-out shots: a stratified quarter of the participants, measured before
     # training and every eval_every steps; the best weights are kept

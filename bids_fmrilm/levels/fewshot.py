@@ -303,7 +303,7 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
     def objective(idx, rng=None) -> torch.Tensor:
         blks = [model.block(examples[i][0], rng=rng) for i in idx]
         if fused:  # train the answer as it is scored: calibrated and fused with the readout evidence
-            z = calibrated_logits(fm, answer_scores(fm, blks, prompt.task), cal, blks)
+            z = calibrated_logits(fm, answer_scores(fm, blks, [prompt.task])[0], cal, blks)
             y = torch.tensor([answer_index[examples[i][1]] for i in idx], device=z.device)
             return torch.nn.functional.cross_entropy(z, y)
         segs = [instruction_segments(prompt.task, j, examples[i][1]) for j, i in enumerate(idx)]
@@ -398,14 +398,21 @@ def calibrated_logits(fm, scores: torch.Tensor, cal: dict, blocks) -> torch.Tens
     """Differentiable twin of :func:`~bids_fmrilm.model.calibration.apply_calibration`: answer
     logits (n, A) from summed answer log-probabilities ``scores`` (n, A), with the readout
     evidence of ``blocks`` when the calibration reads it."""
-    from ..model.calibration import evidence_matrix
+    from ..model.calibration import calibration_offset
+    from ..model.inference import block_readouts
 
-    z = float(cal["scale"]) * torch.log_softmax(scores.float(), -1) + torch.tensor(cal["bias"], device=scores.device)
-    if cal.get("evidence") and cal.get("weight"):
-        ro = np.stack([b.readout.float().cpu().numpy() for b in blocks])
-        ev = evidence_matrix(cal["evidence"], ro, fm.readout.names)
-        z = z + float(cal["weight"]) * torch.tensor(ev, dtype=z.dtype, device=z.device)
-    return z
+    names = getattr(getattr(fm, "readout", None), "names", None)
+    offset = calibration_offset(cal, len(blocks), block_readouts(blocks), names)
+    return float(cal["scale"]) * torch.log_softmax(scores.float(), -1) \
+        + torch.as_tensor(offset, dtype=torch.float32, device=scores.device)
+
+
+def shot_examples(prompt: LabelPrompt, y: np.ndarray, sel: np.ndarray, runs: dict[str, list[PreparedRun]],
+                  pids: np.ndarray) -> tuple[list[tuple[PreparedRun, str]], list[str]]:
+    """``(run, answer)`` examples of the selected participants (all their runs) and the
+    participant of each example (for :func:`adapt`'s validation split)."""
+    chosen = [(pids[i], a) for i, a in zip(sel, prompt.answers_for(y[sel]))]
+    return [(r, a) for pid, a in chosen for r in runs[pid]], [pid for pid, _ in chosen for _ in runs[pid]]
 
 
 def select_shots(y: np.ndarray, train: np.ndarray, shots: int | None, task_type: str, seed: int) -> np.ndarray:
@@ -528,9 +535,8 @@ def fmrilm_cv(checkpoint: str | os.PathLike, meta: dict[str, Any], name: str, ta
             p = label_prompt(name, task_type, classes or [], tasks, y[train])
             sel = select_shots(y, train, k, task_type, settings.seed + f)
             assert not set(pids[sel]) & set(pids[test]), "a held-out participant is in the few-shot training set"
-            examples = [(r, a) for i, a in zip(sel, p.answers_for(y[sel])) for r in runs[pids[i]]]
-            model, info = adapt(checkpoint, examples, p, settings, verify=False,
-                                groups=[pids[i] for i in sel for _ in runs[pids[i]]])
+            examples, groups = shot_examples(p, y, sel, runs, pids)
+            model, info = adapt(checkpoint, examples, p, settings, verify=False, groups=groups)
             out[test] = p.to_prediction(score_participants(model, p, runs, pids[test]), classes)
             del model
             rows.append({"shots": shots_name(k), "fold": f, "participants": int(len(sel)), **info})
@@ -550,9 +556,8 @@ def final_adapter(checkpoint: str | os.PathLike, meta: dict[str, Any], out_dir: 
     pids = np.asarray(participants)
     p = label_prompt(name, task_type, classes or [], tasks, y)
     sel = select_shots(y, np.arange(len(pids)), shots, task_type, settings.seed)
-    examples = [(r, a) for i, a in zip(sel, p.answers_for(y[sel])) for r in runs[pids[i]]]
-    model, info = adapt(checkpoint, examples, p, settings, verify=False,
-                        groups=[pids[i] for i in sel for _ in runs[pids[i]]])
+    examples, groups = shot_examples(p, y, sel, runs, pids)
+    model, info = adapt(checkpoint, examples, p, settings, verify=False, groups=groups)
     path = save_adapter(out_dir, model.fm, p, {
         "ModelID": meta.get("id"), "Label": name, "Classes": classes, "Shots": shots_name(shots),
         "Participants": [f"sub-{x}" for x in pids[sel]],

@@ -207,7 +207,8 @@ def run_label_analysis(cfg: Config, qc: pd.DataFrame) -> dict:
         result.update({
             "Model": {"Path": str(cfg.model), "ID": meta.get("id")},
             "Prompt": fm_result.prompt.to_dict() if fm_result.prompt else "regression: quantile bins of each fold's targets",
-            "Shots": cfg.shots, "AdaptationSteps": cfg.adapt_steps, "AdaptationValidation": cfg.adapt_validation, "Adaptation": fm_result.adaptation,
+            "Shots": cfg.shots, "AdaptationSteps": cfg.adapt_steps, "AdaptationValidation": cfg.adapt_validation,
+            "Adaptation": fm_result.adaptation,
             "Adapter": f"{stem}_adapter",
         })
     write_json(group / f"{stem}_metrics.json", json_safe(result))

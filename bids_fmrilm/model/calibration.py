@@ -185,13 +185,28 @@ def apply_calibration(proba: np.ndarray, calibration: Mapping | None, answers: S
     if not calibration or len(calibration.get("bias", ())) != p.shape[1] \
             or (answers is not None and not applies(calibration, answers)):
         return p
-    z = float(calibration["scale"]) * np.log(np.clip(p, 1e-12, 1.0)) + np.asarray(calibration["bias"], np.float64)
+    z = float(calibration["scale"]) * np.log(np.clip(p, 1e-12, 1.0)) \
+        + calibration_offset(calibration, len(p), readouts, readout_names)
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def calibration_offset(calibration: Mapping, n_runs: int, readouts: np.ndarray | None = None,
+                       readout_names: Sequence[str] | None = None) -> np.ndarray:
+    """What a calibration adds to ``scale * log p`` (n_runs, n_answers): the answers' biases and,
+    when it reads readout evidence, ``weight`` times the evidence of the runs' ``readouts``.
+
+    Raises
+    ------
+    ValueError
+        When the calibration reads readout evidence and ``readouts`` or a value it reads is missing.
+    """
+    offset = np.tile(np.asarray(calibration["bias"], np.float64), (n_runs, 1))
     spec = calibration.get("evidence")
     if spec and calibration.get("weight"):
         if readouts is None or readout_names is None or not set(spec["columns"]) <= set(readout_names):
             raise ValueError(f"this answer calibration reads the run readout's {', '.join(spec['columns'])}; "
                              "pass the runs' readouts and the readout's value names")
-        z = z + float(calibration["weight"]) * evidence_matrix(spec, readouts, readout_names)
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
+        offset = offset + float(calibration["weight"]) * evidence_matrix(spec, readouts, readout_names)
+    return offset

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from ..descriptors.text import LEVEL_PHRASES, drop_repeated_features, pending_level
 from .calibration import apply_calibration
 from .fmrilm import FMRILM, FMRIBlock
 from .tasks import TEXT, Task, describe_segments, few_shot_segments, multi_instruction_segments
@@ -50,7 +51,6 @@ def score_tasks(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task], 
     fm.eval()
     all_blocks = list(shot_blocks) + list(blocks)
     off = len(shot_blocks)
-    n_tok = [[len(fm._encode_text(" " + a)) for a in t.answers] for t in tasks]
     scores = [np.zeros((len(blocks), len(t.answers))) for t in tasks]
     if shots:  # few-shot: a separate sequence per (run, answer)
         for ti, task in enumerate(tasks):
@@ -65,23 +65,13 @@ def score_tasks(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task], 
                     scores[ti][pairs[k]] = lp[rows == b].sum()
     else:
         for chunk in _chunks(len(blocks), batch_size):
-            qa = [(task, a) for task in tasks for a in task.answers]
-            examples = [multi_instruction_segments(off + i, qa) for i in chunk]
-            built = fm.build(examples, all_blocks)
-            lp = fm.text_logprobs(fm.hidden(built), built["targets"]).float().cpu().numpy()
-            rows = np.array([t[0] for t in built["targets"]])
-            for b, i in enumerate(chunk):
-                vals, k = lp[rows == b], 0
-                for ti, counts in enumerate(n_tok):
-                    for a, c in enumerate(counts):
-                        scores[ti][i, a] = vals[k:k + c].sum()
-                        k += c
-                assert k == len(vals), "answer tokens and targets disagree"
+            for ti, sc in enumerate(answer_scores(fm, [blocks[i] for i in chunk], tasks)):
+                scores[ti][list(chunk)] = sc.float().cpu().numpy()
     out = []
     names = readouts = None
-    if calibrated and not shots and getattr(fm, "readout", None) is not None \
-            and all(b.readout is not None for b in blocks) and len(blocks):
-        names, readouts = fm.readout.names, np.stack([b.readout.float().cpu().numpy() for b in blocks])
+    if calibrated and not shots and getattr(fm, "readout", None) is not None:
+        readouts = block_readouts(blocks)
+        names = None if readouts is None else fm.readout.names
     for task, sc in zip(tasks, scores):
         sc = sc - sc.max(1, keepdims=True)
         p = np.exp(sc)
@@ -92,20 +82,29 @@ def score_tasks(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task], 
     return out
 
 
-def answer_scores(fm: FMRILM, blocks: Sequence[FMRIBlock], task: Task) -> torch.Tensor:
-    """Summed log-probabilities (n_blocks, n_answers) of each answer of ``task`` after each block's
-    question, with gradients (few-shot training); :func:`score_tasks` normalises the same scores."""
-    examples = [multi_instruction_segments(i, [(task, a) for a in task.answers]) for i in range(len(blocks))]
-    built = fm.build(examples, list(blocks))
+def answer_scores(fm: FMRILM, blocks: Sequence[FMRIBlock], tasks: Sequence[Task]) -> list[torch.Tensor]:
+    """Summed log-probabilities of each answer after each block's question, one (n_blocks,
+    n_answers) tensor per task, with gradients unless the caller turns them off (few-shot
+    training). Every (task, answer) of a block is a branch after the block: one pass per block."""
+    qa = [(task, a) for task in tasks for a in task.answers]
+    built = fm.build([multi_instruction_segments(i, qa) for i in range(len(blocks))], list(blocks))
     lp = fm.text_logprobs(fm.hidden(built), built["targets"])
     rows = torch.tensor([t[0] for t in built["targets"]], device=lp.device)
-    n_tok = [len(fm._encode_text(" " + a)) for a in task.answers]
-    out = []
+    n_tok = [len(fm._encode_text(" " + a)) for _, a in qa]
+    sums = []
     for b in range(len(blocks)):
         vals = lp[rows == b]
         assert len(vals) == sum(n_tok), "answer tokens and targets disagree"
-        out.append(torch.stack([part.sum() for part in torch.split(vals, n_tok)]))
-    return torch.stack(out)
+        sums.append(torch.stack([part.sum() for part in torch.split(vals, n_tok)]))
+    per_answer = torch.stack(sums)
+    return list(torch.split(per_answer, [len(t.answers) for t in tasks], dim=1))
+
+
+def block_readouts(blocks: Sequence[FMRIBlock]) -> np.ndarray | None:
+    """The blocks' run readouts (n_blocks, S), or None when there are no blocks or one has none."""
+    if not len(blocks) or any(b.readout is None for b in blocks):
+        return None
+    return np.stack([b.readout.float().cpu().numpy() for b in blocks])
 
 
 @torch.no_grad()
@@ -133,8 +132,6 @@ def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_token
     description ends before a sentence that describes a feature a second time
     (:func:`~bids_fmrilm.descriptors.text.drop_repeated_features`).
     """
-    from ..descriptors.text import drop_repeated_features
-
     fm.eval()
     texts = []
     tok = fm.text_tokenizer
@@ -150,7 +147,7 @@ def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_token
     return texts
 
 
-_LEVEL_WORDS = ("markedly", "lower", "higher", "typical", "unavailable")
+_LEVEL_WORDS = tuple(dict.fromkeys(p.split()[0] for p in LEVEL_PHRASES.values()))  # markedly, lower, ...
 
 
 class LevelGuide(LogitsProcessor):
@@ -167,8 +164,6 @@ class LevelGuide(LogitsProcessor):
         self.tokenizer, self.levels = tokenizer, dict(levels)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        from ..descriptors.text import pending_level
-
         text = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
         pending = pending_level(text, self.levels)
         if pending is None:

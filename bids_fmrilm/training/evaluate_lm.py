@@ -141,6 +141,10 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
     res["tasks"] = {}
     raw_proba = dict(zip([t.name for t in tasks], score_tasks(fm, blocks, tasks, calibrated=False)))
     calibration = getattr(fm, "calibration", {}) or {}
+    names = None if getattr(fm, "readout", None) is None else fm.readout.names
+    ro_test = None if readouts is None else readouts[test_idx]
+    proba_all = {t.name: apply_calibration(raw_proba[t.name], calibration.get(t.name), t.answers, ro_test, names)
+                 for t in tasks}
     for task in tasks:
         y_test = [task.answer_for(data.phenotype[i], data.z[i]) for i in test_idx]
         y_train = [task.answer_for(data.phenotype[i], data.z[i]) for i in train_idx]
@@ -151,11 +155,9 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
         ai = {a: k for k, a in enumerate(task.answers)}
         yt = np.array([ai[a] for a in np.array(y_test, dtype=object)[keep]])
         ytr = np.array([ai[a] for a in np.array(y_train, dtype=object)[keep_tr]])
-        raw = raw_proba[task.name][keep]
+        raw, proba = raw_proba[task.name][keep], proba_all[task.name][keep]
         cal = calibration.get(task.name)
-        ro = None if readouts is None else readouts[test_idx[keep]]
-        names = None if getattr(fm, "readout", None) is None else fm.readout.names
-        proba = apply_calibration(raw, cal, task.answers, ro, names)
+        ro = None if ro_test is None else ro_test[keep]
         entry: dict[str, Any] = {"n": int(keep.sum()), "class_counts": {a: int((yt == k).sum()) for a, k in ai.items()}}
         entry["fmrilm"] = _task_metrics(yt, proba)
         if cal:  # what the answer calibration changed, and what each of its inputs carries alone
@@ -189,10 +191,7 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
 
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(test_idx), size=min(n_describe, len(test_idx)), replace=False)
-        names = None if getattr(fm, "readout", None) is None else fm.readout.names
-        ro = None if readouts is None else readouts[test_idx[pick]]
-        picked = [apply_calibration(raw_proba[t.name][pick], calibration.get(t.name), t.answers, ro, names) for t in tasks]
-        levels = description_levels(tasks, picked, calibration)
+        levels = description_levels(tasks, [proba_all[t.name][pick] for t in tasks], calibration)
         keys = sorted({k for i in test_idx for k in data.z[i]})
         others = [int(test_idx[(k + 1 + int(rng.integers(len(test_idx) - 1))) % len(test_idx)]) for k in pick]
         runs = [int(test_idx[k]) for k in pick]

@@ -118,3 +118,53 @@ def test_uninformative_evidence_gets_no_weight():
     R[:, NAMES.index("diagnosis:TD")] = np.random.default_rng(3).normal(0, 1, len(y))  # noise
     cal = fit_calibration(p, y, DIAGNOSIS.answers, evidence=evidence_matrix(spec, R, NAMES), evidence_spec=spec)
     assert abs(cal["weight"]) < 0.1
+
+
+def _site(n, seed, llm=-0.8, readout=1.5):
+    """Two-answer runs of a new site: the LLM's answer is anti-informative there, the readout's
+    evidence informative (what the sex task does on ABIDE's held-out sites)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = llm * (2 * y - 1) + rng.normal(0, 1, n)
+    p = np.stack([1 / (1 + np.exp(s)), 1 / (1 + np.exp(-s))], 1)
+    e = readout * (2 * y - 1) + rng.normal(0, 1, n)
+    return p, np.stack([-e / 2, e / 2], 1), y
+
+
+def test_refit_calibration_learns_new_weights_from_a_few_participants_and_keeps_a_good_prior():
+    from bids_fmrilm.model.calibration import apply_calibration_matrix, balanced_log_loss, refit_calibration
+
+    spec = {"columns": ["sex:F", "sex:M"], "design": [[1.0, 0.0], [0.0, 1.0]]}
+    prior = {"scale": 1.0, "bias": [0.0, 0.0], "weight": 0.3, "evidence": spec, "answers": ["female", "male"]}
+    p, e, y = _site(32, seed=0)
+    groups = [f"p{i // 2}" for i in range(len(y))]  # two runs per participant
+    new, report = refit_calibration(p, y, groups, prior, e, seed=0)
+    assert report["chosen"] != "checkpoint" and report["folds"] == 5
+    assert report["cv_loss"][report["chosen"]] < report["cv_loss"]["checkpoint"]
+    assert new["weight"] > prior["weight"] and new["scale"] < prior["scale"] and new["refit"] > 0
+    assert new["evidence"] == spec and new["answers"] == ["female", "male"]
+    p2, e2, y2 = _site(2000, seed=1)
+    assert roc_auc_score(y2, apply_calibration_matrix(p2, new, e2)[:, 1]) \
+        > roc_auc_score(y2, apply_calibration_matrix(p2, prior, e2)[:, 1]) + 0.1
+    # apply_calibration_matrix is apply_calibration with the evidence given directly
+    readouts = np.stack([-e2[:, 1], e2[:, 1]], 1)
+    assert np.allclose(apply_calibration_matrix(p2, new, evidence_matrix(spec, readouts, ["sex:F", "sex:M"])),
+                       apply_calibration(p2, new, readouts=readouts, readout_names=["sex:F", "sex:M"]))
+    # a calibration that fits the new site already is kept (or barely moved)
+    good = {**prior, "scale": 0.05, "weight": 1.5}
+    kept, rep = refit_calibration(p, y, groups, good, e, seed=0)
+    p3 = apply_calibration_matrix(p2, kept, e2)
+    assert balanced_log_loss(p3, y2) < balanced_log_loss(apply_calibration_matrix(p2, good, e2), y2) + 0.02
+    # one participant of a class: nothing to cross-validate, the checkpoint's calibration stays
+    one, rep1 = refit_calibration(p[:3], np.array([0, 0, 1]), ["a", "a", "b"], prior, e[:3])
+    assert rep1 == {"cv_loss": {}, "chosen": "checkpoint", "folds": 0} and one["refit"] is None
+    assert {k: v for k, v in one.items() if k != "refit"} == prior
+
+
+def test_fit_calibration_with_a_strong_prior_stays_at_the_prior():
+    p, e, y = _site(200, seed=3)
+    prior = {"scale": 0.7, "bias": [0.0, 0.4], "weight": 0.9}
+    cal = fit_calibration(p, y, ridge=1e4, evidence=e, prior=prior)
+    assert abs(cal["scale"] - 0.7) < 0.01 and abs(cal["bias"][1] - 0.4) < 0.01 and abs(cal["weight"] - 0.9) < 0.01
+    free = fit_calibration(p, y, ridge=1e-4, evidence=e, prior=prior)
+    assert free["weight"] > 1.0  # the data pull the weight up from the prior's 0.9

@@ -579,6 +579,10 @@ def test_group_level_few_shot_lora(trained, tmp_path):
     meta = json.loads((adapter / "adapter.json").read_text())
     assert meta["ModelID"] == info["Model"]["ID"] and meta["Shots"] == "all" and len(meta["Participants"]) == 8
     assert meta["AnswerForClass"] == {"ASD": "autism", "TD": "control"}
+    # a calibrated task: recalibrated on the shots, the chosen calibration saved with the adapter
+    assert all(a["recalibration"]["chosen"] in a["recalibration"]["cv_loss"] or a["recalibration"]["folds"] == 0
+               for a in info["Adaptation"])
+    assert meta["Calibration"] == meta["Training"]["calibration"] and meta["Calibration"]["answers"] == ["autism", "control"]
     page = (g / "group.html").read_text()
     assert "Label: diagnosis" in page and page.count("<svg") >= 3 and "few-shot LoRA, K=all" in page
     # a regression target: quantile-bin answers, expected values as predictions
@@ -672,6 +676,18 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     with torch.no_grad():
         z = calibrated_logits(m2.fm, answer_scores(m2.fm, blks, [diag.task])[0], m2.fm.calibration["diagnosis"], blks)
     np.testing.assert_allclose(torch.softmax(z, -1)[:, 1].numpy(), q1, atol=1e-4)
+    assert info2["recalibration"]["chosen"] == "checkpoint"  # one class: nothing to refit
+    # two classes: the calibration is cross-validated on the shots before any step, the model
+    # returned scores with the chosen one, and the readout adapter stays the checkpoint's
+    m4, info4 = adapt(model, [(r, a) for r, a in zip(runs, ["autism", "control"] * 3)], diag,
+                      AdaptSettings(steps=3, lr=3e-3, device="cpu", quantization="none"), groups=list("abcdef"))
+    rec = info4["recalibration"]
+    assert rec["folds"] == 3 and set(rec["cv_loss"]) == {"checkpoint", "1.0", "0.1", "0.01"}
+    assert rec["cv_loss"][rec["chosen"]] == min(rec["cv_loss"].values())
+    assert m4.fm.calibration["diagnosis"] == info4["calibration"]
+    assert (info4["calibration"]["refit"] is None) == (rec["chosen"] == "checkpoint")
+    for a, b in zip(m4.fm.projector.adapter.parameters(), m0.fm.projector.adapter.parameters()):
+        assert torch.equal(a.detach().cpu(), b.detach().cpu())
     # early stopping on held-out shots: a stratified quarter of the participants, measured before
     # training and every eval_every steps; the best weights are kept
     ex = [(r, a) for r, a in zip(runs, ["child", "adult"] * 3)]
@@ -679,7 +695,11 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
                       groups=list("abcdef"))
     curve = info3["validation_curve"]
     assert info3["validation_examples"] == 2 and [s for s, _ in curve] == [0, 3, 6]
-    assert info3["kept_step"] == min(curve, key=lambda c: c[1])[0]
+    margin = {int(k): v for k, v in info3["validation_margin"].items()}
+    assert sorted(margin) == [3, 6] and all(m[0] == pytest.approx(dict(curve)[k] - curve[0][1], abs=1e-4)
+                                            for k, m in margin.items())
+    passing = [(v, k) for k, v in curve if k == 0 or sum(margin[k]) < 0]  # one-standard-error rule
+    assert info3["kept_step"] == min(passing)[1]
     from bids_fmrilm.levels.fewshot import validation_split
     from bids_fmrilm.model.tasks import instruction_segments
 

@@ -11,17 +11,24 @@ the column name and the answers are the label's classes. A regression target is 
 quantile bins of the training targets ("very low" ... "very high"); the prediction is the
 probability-weighted mean of the training targets in each bin.
 
-Few-shot adaptation (:func:`adapt`) trains the checkpoint's LoRA adapter on the instruction format
-with ``K`` participants per class from the training folds (all of each selected participant's
-runs), on a freshly loaded model each time. A task the checkpoint has an answer calibration for
-(:mod:`~bids_fmrilm.model.calibration`, fused with the run readout's own score of the task) is
-trained through that calibration: the loss is the cross-entropy of the calibrated, fused answer
-as it is scored, so the adapter learns what the readout evidence does not already say. Other
-labels train the answer text. Either way a quarter of the shots' participants is held out for
-early stopping, and the checkpoint as it was is one of the candidates: on ABIDE (held-out sites,
-within-site diagnosis AUROC 0.731 zero-shot) 20 unchecked steps lowered it to 0.57-0.64 with the
-answer-text loss and to 0.56-0.66 with the calibrated one, while the training loss of new batches
-rose; an adaptation that does not hold on the user's own held-out participants is not kept.
+Few-shot adaptation (:func:`adapt`) adapts the checkpoint with ``K`` participants per class from
+the training folds (all of each selected participant's runs), on a freshly loaded model each time.
+A task the checkpoint has an answer calibration for (:mod:`~bids_fmrilm.model.calibration`, fused
+with the run readout's own score of the task) is first recalibrated: its few parameters (the LLM
+answer's slope, the answers' biases, the readout evidence's weight) are fitted again on the shots
+when participant-grouped cross-validation on the shots prefers a fit to the checkpoint's own
+(:func:`~bids_fmrilm.model.calibration.refit_calibration`). That is what few labels support: the
+checkpoint's calibration was fitted on runs the LLM was trained on and trusts the LLM more than
+new sites bear out (ABIDE's held-out sites: the LLM's sex answer ranks runs at AUROC 0.25 while the
+readout's score reaches 0.58). Then the LoRA adapter trains on the calibrated, fused answer as it
+is scored, so it learns what the calibrated evidence does not already say (other labels train the
+answer text); the readout adapter stays frozen, so the saved adapter (LoRA and calibration) is
+the whole adaptation. A quarter of the shots' participants is held out for early stopping, and
+the weights before the first step are one of the candidates, replaced only by a step that lowers
+the held-out shots' loss by more than one standard error: on ABIDE (training folds of the
+held-out sites) the held-out shots' loss rose within the first five steps in most folds whatever
+the learning rate (3e-4 to 1e-4, with or without the readout adapter), so an adaptation that does
+not hold on the user's own held-out participants is not kept.
 
 With a 4-bit model on CPU a forward pass in eval mode before training would repack the weights
 and silence the LoRA gradients: validation passes therefore run in train mode with dropout off,
@@ -240,9 +247,9 @@ class AdaptSettings:
     steps: int = 20
     batch_size: int = 4
     lr: float = 3e-4
-    adapter_lr: float = 1e-3  # the readout adapter of stage-3 checkpoints (LoRA stays at ``lr``)
     warmup: int = 5
     validation: float = 0.25  # share of the shots' participants held out for early stopping (0: none)
+    recalibrate: bool = True  # fit a calibrated task's answer calibration again on the shots (refit_calibration)
     eval_every: int = 5
     seed: int = 0
     device: str = "auto"
@@ -254,19 +261,22 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
           ) -> tuple[FMRILMModel, dict[str, Any]]:
     """Train the checkpoint's LoRA adapter on ``(run, answer)`` instruction examples.
 
-    The model is loaded afresh (LoRA and the readout adapter trainable; projector, fMRI head and
-    tokenizer frozen;
-    ``verify=False`` skips the file hashes of a checkpoint the caller has already checked).
+    The model is loaded afresh (LoRA trainable; projector with its readout adapter, fMRI head and
+    tokenizer frozen; ``verify=False`` skips the file hashes of a checkpoint the caller has
+    already checked). A calibrated task is recalibrated on the examples first (:func:`recalibrate`,
+    ``settings.recalibrate``); the model returned scores with the chosen calibration.
 
     Early stopping: a stratified ``settings.validation`` share of the participants (``groups``,
     one per example; each example its own participant when None) is held out of training, the
     objective is measured on them before training and every ``settings.eval_every`` steps, and
     the adapter weights with the lowest validation loss are kept, the checkpoint as it was
-    (step 0) included: adaptation that does not generalise to the user's held-out participants
-    is not kept. With fewer than two participants per answer no validation split is made.
+    (step 0) included; a later step must lower the loss by more than one standard error of its
+    paired per-example change from step 0 (``validation_margin``): adaptation that does not
+    generalise to the user's held-out participants beyond their noise is not kept. With fewer than two participants per answer no validation split is made.
 
     Returns ``(model, info)`` with the model in eval mode and ``info`` holding the losses, the
-    validation curve and chosen step, and the first step's LoRA gradient norm.
+    validation curve and chosen step, the recalibration report and calibration, and the first
+    step's LoRA gradient norm.
 
     Raises
     ------
@@ -287,42 +297,56 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
                                          trainable=True, verify=verify))
     fm = model.fm.train()
     for p in list(fm.projector.parameters()) + list(fm.fmri_head.parameters()):
-        p.requires_grad_(False)
+        p.requires_grad_(False)  # the readout adapter too: the saved adapter is the LoRA (and the calibration)
     params = lora_parameters(fm.llm)
-    adapter = list(fm.projector.adapter.parameters())  # the readout's way into the answer (stage 3)
-    for p in adapter:
-        p.requires_grad_(True)
-    opt_groups = [{"params": params, "lr": settings.lr}] + ([{"params": adapter, "lr": settings.adapter_lr}] if adapter else [])
-    opt = torch.optim.AdamW(opt_groups, lr=settings.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=0.0)
     warmup = max(1, min(settings.warmup, settings.steps // 4))  # a short run must not end in its warm-up
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, settings.steps))
     cal = (getattr(fm, "calibration", {}) or {}).get(prompt.task.name)
     fused = applies(cal, prompt.task.answers)
     answer_index = {a: k for k, a in enumerate(prompt.task.answers)}
+    recal = None
+    if fused and settings.recalibrate:  # before any step: the scores are those of the checkpoint, unseen runs
+        cal, recal = recalibrate(model, examples, groups, prompt.task, cal, settings.seed)
+        fm.calibration = {**(fm.calibration or {}), prompt.task.name: cal}
 
-    def objective(idx, rng=None) -> torch.Tensor:
+    def objective(idx, rng=None, per_example: bool = False) -> torch.Tensor:
         blks = [model.block(examples[i][0], rng=rng) for i in idx]
         if fused:  # train the answer as it is scored: calibrated and fused with the readout evidence
             z = calibrated_logits(fm, answer_scores(fm, blks, [prompt.task])[0], cal, blks)
             y = torch.tensor([answer_index[examples[i][1]] for i in idx], device=z.device)
-            return torch.nn.functional.cross_entropy(z, y)
+            return torch.nn.functional.cross_entropy(z, y, reduction="none" if per_example else "mean")
         segs = [instruction_segments(prompt.task, j, examples[i][1]) for j, i in enumerate(idx)]
+        if per_example:
+            return torch.stack([fm([instruction_segments(prompt.task, 0, examples[i][1])], [b], ["instruct"],
+                                   {"instruct": 1.0}, 0.0)["loss"] for i, b in zip(idx, blks)])
         return fm(segs, blks, ["instruct"] * len(segs), {"instruct": 1.0}, 0.0)["loss"]
 
     train_idx, val_idx = validation_split([a for _, a in examples], groups, settings.validation, settings.seed)
-    trainable = params + adapter
+    trainable = params
     curve: list[tuple[int, float]] = []
+    margins: dict[int, tuple[float, float]] = {}  # step -> (mean change of the loss from step 0, its standard error)
     best: tuple[float, int, list[torch.Tensor] | None] = (math.inf, 0, None)
+    start: np.ndarray | None = None
 
     def validate(step: int) -> None:
-        nonlocal best
+        nonlocal best, start
         if not len(val_idx):
             return
         with torch.no_grad(), _dropout_off(fm):  # train mode otherwise: an eval-mode pass would repack 4-bit weights
-            n = len(val_idx)
-            v = sum(float(objective(val_idx[s:s + 8])) * len(val_idx[s:s + 8]) for s in range(0, n, 8)) / n
+            per = np.concatenate([objective(val_idx[s:s + 8], per_example=True).float().cpu().numpy()
+                                  for s in range(0, len(val_idx), 8)])
+        v = float(per.mean())
         curve.append((step, round(v, 5)))
-        if v < best[0]:
+        if start is None:
+            start, best = per, (v, step, [t.detach().clone() for t in trainable])
+            return
+        # one-standard-error rule: a step replaces the checkpoint only when the held-out shots'
+        # loss fell by more than the noise of a few participants' paired losses
+        d = per - start
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        margins[step] = (round(float(d.mean()), 5), round(se, 5))
+        if v < best[0] and d.mean() + se < 0:
             best = (v, step, [t.detach().clone() for t in trainable])
 
     validate(0)
@@ -353,9 +377,38 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
     info = {"steps": settings.steps, "examples": len(examples), "objective": "calibrated answer" if fused else "answer text",
             "first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:])),
             "validation_examples": int(len(val_idx)), "validation_curve": curve,
+            "validation_margin": {str(k): v for k, v in margins.items()},
+            "recalibration": recal, "calibration": cal if fused else None,
             "kept_step": best[1] if curve else settings.steps,
             "first_grad_norm": grad0, "seconds": round(time.time() - t0, 1)}
     return model, info
+
+
+def recalibrate(model: FMRILMModel, examples: Sequence[tuple[PreparedRun, str]], groups: Sequence[str] | None,
+                task: Task, cal: dict, seed: int = 0) -> tuple[dict, dict]:
+    """The task's answer calibration fitted again on the few-shot examples, or kept
+    (:func:`~bids_fmrilm.model.calibration.refit_calibration`); returns ``(calibration, report)``.
+
+    The examples are scored by the model as loaded, in train mode with dropout off (an eval-mode
+    pass would repack 4-bit weights before training)."""
+    from ..model.calibration import evidence_matrix, refit_calibration
+    from ..model.inference import answer_scores, block_readouts
+
+    fm = model.fm
+    proba, readouts = [], []
+    with torch.no_grad(), _dropout_off(fm):
+        for s in range(0, len(examples), 8):
+            blks = [model.block(r) for r, _ in examples[s:s + 8]]
+            proba.append(torch.softmax(answer_scores(fm, blks, [task])[0].float(), -1).cpu().numpy())
+            readouts.append(block_readouts(blks))
+    spec = cal.get("evidence") if cal.get("weight") else None
+    evidence = evidence_matrix(spec, np.concatenate(readouts), fm.readout.names) if spec else None
+    index = {a: k for k, a in enumerate(task.answers)}
+    y = np.array([index[a] for _, a in examples])
+    groups = list(groups) if groups is not None else [str(i) for i in range(len(examples))]
+    new, report = refit_calibration(np.concatenate(proba), y, groups, cal, evidence, seed=seed)
+    log.debug("few-shot recalibration of %r: %s", task.name, report)
+    return new, report
 
 
 def validation_split(answers: Sequence[str], groups: Sequence[str] | None, share: float, seed: int
@@ -540,8 +593,9 @@ def fmrilm_cv(checkpoint: str | os.PathLike, meta: dict[str, Any], name: str, ta
             out[test] = p.to_prediction(score_participants(model, p, runs, pids[test]), classes)
             del model
             rows.append({"shots": shots_name(k), "fold": f, "participants": int(len(sel)), **info})
-            log.info("few-shot K=%s fold %d/%d: %d participants, loss %.3f -> %.3f, validation %s, kept step %d, %.0f s",
-                     shots_name(k), f + 1, len(folds.splits), len(sel), info["first_loss"], info["last_loss"],
+            log.info("few-shot K=%s fold %d/%d: %d participants, calibration %s, loss %.3f -> %.3f, validation %s, "
+                     "kept step %d, %.0f s", shots_name(k), f + 1, len(folds.splits), len(sel),
+                     (info["recalibration"] or {}).get("chosen", "-"), info["first_loss"], info["last_loss"],
                      " ".join(f"{v:.3f}" for _, v in info["validation_curve"]) or "none", info["kept_step"],
                      info["seconds"])
         preds[f"fmrilm_fewshot_{shots_name(k)}"] = out
@@ -561,6 +615,7 @@ def final_adapter(checkpoint: str | os.PathLike, meta: dict[str, Any], out_dir: 
     path = save_adapter(out_dir, model.fm, p, {
         "ModelID": meta.get("id"), "Label": name, "Classes": classes, "Shots": shots_name(shots),
         "Participants": [f"sub-{x}" for x in pids[sel]],
-        "Settings": {k: v for k, v in settings.__dict__.items() if k not in ("device",)}, "Training": info})
+        "Settings": {k: v for k, v in settings.__dict__.items() if k not in ("device",)},
+        "Calibration": info.get("calibration"), "Training": info})
     log.info("final adapter (%d participants, K=%s) -> %s", len(sel), shots_name(shots), path)
     return path

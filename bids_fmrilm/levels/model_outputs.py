@@ -193,10 +193,14 @@ def compute_fmrilm(model: LoadedModel, item: dict[str, Any]) -> None:
     if model.adapter_task is not None:
         key, task = model.adapter_task
         api.fm.llm.set_adapter("label")
+        own = dict(api.fm.calibration or {})
+        if model.adapter.get("Calibration"):  # the answer calibration the group level fitted with the adapter
+            api.fm.calibration = {**own, task.name: model.adapter["Calibration"]}
         try:
             item["predictions"][key] = score_options(api.fm, [blk], task)[0]
         finally:
             api.fm.llm.set_adapter("default")
+            api.fm.calibration = own
     item["patches_used"] = int(blk.ids.shape[0])
     item["forecast"] = api.forecast(item["prepared"]) if len(item["prepared"].ids) >= 2 else None
 

@@ -91,7 +91,7 @@ def evidence_matrix(spec: Mapping, readouts: np.ndarray, names: Sequence[str]) -
 
 def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | None = None,
                     ridge: float = RIDGE, evidence: np.ndarray | None = None,
-                    evidence_spec: Mapping | None = None) -> dict[str, object]:
+                    evidence_spec: Mapping | None = None, prior: Mapping | None = None) -> dict[str, object]:
     """Fit one task's calibration.
 
     Parameters
@@ -103,12 +103,16 @@ def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | N
     answers : sequence of str, optional
         The task's answers, recorded so that the calibration applies to this answer list only.
     ridge : float
-        Penalty on ``(scale - 1)**2 + sum(bias**2) + weight**2``.
+        Penalty on ``(scale - 1)**2 + sum(bias**2) + weight**2`` (with a ``prior``, on the
+        distances to its scale, biases and weight instead).
     evidence : ndarray of shape (n_runs, n_answers), optional
         Readout evidence of the same runs (:func:`evidence_matrix`; cross-fitted readouts for
         training runs); fits the evidence ``weight`` too.
     evidence_spec : mapping, optional
         The :func:`task_evidence` that made ``evidence``, stored with the fit.
+    prior : mapping, optional
+        A calibration of the same task the fit starts from and is pulled towards
+        (:func:`refit_calibration`).
 
     Returns
     -------
@@ -128,6 +132,14 @@ def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | N
 
     E = None if evidence is None else np.asarray(evidence, np.float64)
     n_b = A - 1
+    # the centre of the penalty (and the start): identity, or the prior calibration
+    centre = np.zeros(1 + n_b + (E is not None))
+    if prior is not None:
+        centre[0] = np.log(float(prior["scale"]))
+        centre[1:1 + n_b] = np.asarray(prior["bias"], np.float64)[1:]
+        if E is not None:
+            centre[-1] = float(prior.get("weight") or 0.0)
+    s0 = float(np.exp(centre[0]))
 
     def loss(theta):
         log_scale, b = theta[0], np.concatenate([[0.0], theta[1:1 + n_b]])
@@ -144,13 +156,14 @@ def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | N
         g *= w[:, None]  # d nll / d z
         d_log_scale = float(np.sum(g * logp)) * scale
         grad = np.concatenate([[d_log_scale], g.sum(0)[1:]] + ([[float(np.sum(g * E))]] if E is not None else []))
-        pen = ridge * ((scale - 1.0) ** 2 + np.sum(theta[1:] ** 2))
-        d_pen = 2.0 * ridge * theta
-        d_pen[0] = ridge * 2.0 * (scale - 1.0) * scale
+        pen = ridge * ((scale - s0) ** 2 + np.sum((theta[1:] - centre[1:]) ** 2))
+        d_pen = 2.0 * ridge * (theta - centre)
+        d_pen[0] = ridge * 2.0 * (scale - s0) * scale
         return nll + pen, grad + d_pen
 
     bounds = [(-4.0, 4.0)] + [(-20.0, 20.0)] * n_b + ([(-20.0, 20.0)] if E is not None else [])
-    res = minimize(loss, np.zeros(len(bounds)), jac=True, method="L-BFGS-B", bounds=bounds)
+    start = np.clip(centre, [b[0] for b in bounds], [b[1] for b in bounds])
+    res = minimize(loss, start, jac=True, method="L-BFGS-B", bounds=bounds)
     theta = res.x
     out: dict[str, object] = {"scale": float(np.exp(theta[0])), "bias": [0.0] + [float(v) for v in theta[1:1 + n_b]],
                               "answers": None if answers is None else [str(a) for a in answers], "n": int(n),
@@ -159,6 +172,102 @@ def fit_calibration(proba: np.ndarray, y: np.ndarray, answers: Sequence[str] | N
         out["weight"] = float(theta[-1])
         out["evidence"] = None if evidence_spec is None else {k: list(v) for k, v in evidence_spec.items()}
     return out
+
+
+REFIT_RIDGES = (1.0, 0.1, 0.01)
+"""Penalties (towards the checkpoint's calibration) that :func:`refit_calibration` tries."""
+
+
+def balanced_log_loss(proba: np.ndarray, y: np.ndarray) -> float:
+    """Log loss with each present class weighted equally (the objective of :func:`fit_calibration`)."""
+    p = np.clip(np.asarray(proba, np.float64)[np.arange(len(y)), y], 1e-12, 1.0)
+    classes = np.unique(y)
+    return float(np.mean([-np.log(p[y == c]).mean() for c in classes]))
+
+
+def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], prior: Mapping,
+                      evidence: np.ndarray | None = None, ridges: Sequence[float] = REFIT_RIDGES,
+                      n_folds: int = 5, seed: int = 0) -> tuple[dict[str, object], dict[str, object]]:
+    """Fit a checkpoint's calibration of one task again on a user's labelled runs, or keep it.
+
+    The calibration's few parameters (a slope, one bias per answer, the readout evidence's weight)
+    decide how much the LLM's answer and the readout's score count; on training runs the LLM has
+    seen, the fit trusts the LLM more than new sites bear out. A user's own labels are runs it has
+    never seen, so they can set those weights again, with a convex fit of a handful of parameters
+    that a few participants per class support where LoRA's gradient steps do not. Candidates: the
+    checkpoint's calibration as it is, and fits pulled towards it with each of ``ridges``; each
+    is scored by participant-grouped cross-validation (class-balanced log loss of the held-out
+    participants' runs), and the best is fitted again on every run; a fit must beat the
+    checkpoint's calibration to replace it.
+
+    Parameters
+    ----------
+    proba : ndarray of shape (n_runs, n_answers)
+        Uncalibrated answer probabilities of the labelled runs.
+    y : ndarray of shape (n_runs,)
+        Index of each run's true answer.
+    groups : sequence of str
+        Each run's participant (all runs of a participant on one side of every split).
+    prior : mapping
+        The checkpoint's calibration of the task.
+    evidence : ndarray of shape (n_runs, n_answers), optional
+        The runs' readout evidence, when ``prior`` reads it.
+    ridges : sequence of float
+        Penalties of the candidate fits (relative to the class-balanced mean loss).
+    n_folds : int
+        Cross-validation folds (fewer when a class has fewer participants).
+    seed : int
+        Seed of the fold assignment.
+
+    Returns
+    -------
+    calibration : dict
+        The chosen calibration (``prior`` itself when no fit beats it), with ``refit`` (the ridge
+        of the fit, or None) added.
+    report : dict
+        ``cv_loss`` per candidate (``"checkpoint"`` and each ridge), ``chosen`` and ``folds``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    y = np.asarray(y, dtype=int)
+    groups = np.asarray(groups)
+    answers = prior.get("answers")
+    spec = prior.get("evidence") if evidence is not None else None
+    first = {g: c for g, c in zip(groups, y)}  # a participant's class
+    per_class = np.bincount(list(first.values()), minlength=proba.shape[1])
+    k = min(n_folds, int(per_class[per_class > 0].min())) if len(set(y)) > 1 else 0
+    kept = {**prior, "refit": None}
+    if k < 2:
+        return kept, {"cv_loss": {}, "chosen": "checkpoint", "folds": 0}
+
+    def fit(rows, ridge):
+        return fit_calibration(proba[rows], y[rows], answers, ridge, None if evidence is None else evidence[rows],
+                               spec, prior=prior)
+
+    def apply(cal, rows):
+        return apply_calibration_matrix(proba[rows], cal, None if evidence is None else evidence[rows])
+
+    splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(proba, y, groups))
+    losses = {"checkpoint": balanced_log_loss(apply(prior, np.arange(len(y))), y)}
+    for ridge in ridges:
+        out = np.zeros(proba.shape)
+        for train, test in splits:
+            out[test] = apply(fit(train, ridge), test)
+        losses[str(ridge)] = balanced_log_loss(out, y)
+    chosen = min(losses, key=lambda c: (losses[c], c != "checkpoint"))
+    report = {"cv_loss": {c: round(v, 5) for c, v in losses.items()}, "chosen": chosen, "folds": k}
+    if chosen == "checkpoint":
+        return kept, report
+    return {**fit(np.arange(len(y)), float(chosen)), "refit": float(chosen)}, report
+
+
+def apply_calibration_matrix(proba: np.ndarray, calibration: Mapping, evidence: np.ndarray | None = None
+                             ) -> np.ndarray:
+    """:func:`apply_calibration` with the evidence matrix given directly (n_runs, n_answers)."""
+    offset = np.asarray(calibration["bias"], np.float64)[None, :]
+    if evidence is not None and calibration.get("weight"):
+        offset = offset + float(calibration["weight"]) * np.asarray(evidence, np.float64)
+    return _calibrated(proba, calibration, offset)
 
 
 def applies(calibration: Mapping | None, answers: Sequence[str]) -> bool:
@@ -185,8 +294,12 @@ def apply_calibration(proba: np.ndarray, calibration: Mapping | None, answers: S
     if not calibration or len(calibration.get("bias", ())) != p.shape[1] \
             or (answers is not None and not applies(calibration, answers)):
         return p
-    z = float(calibration["scale"]) * np.log(np.clip(p, 1e-12, 1.0)) \
-        + calibration_offset(calibration, len(p), readouts, readout_names)
+    return _calibrated(p, calibration, calibration_offset(calibration, len(p), readouts, readout_names))
+
+
+def _calibrated(proba: np.ndarray, calibration: Mapping, offset: np.ndarray) -> np.ndarray:
+    """``softmax(scale * log p + offset)`` row by row."""
+    z = float(calibration["scale"]) * np.log(np.clip(np.asarray(proba, np.float64), 1e-12, 1.0)) + offset
     z = z - z.max(1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)

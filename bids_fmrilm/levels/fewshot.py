@@ -272,7 +272,8 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
     the adapter weights with the lowest validation loss are kept, the checkpoint as it was
     (step 0) included; a later step must lower the loss by more than one standard error of its
     paired per-example change from step 0 (``validation_margin``): adaptation that does not
-    generalise to the user's held-out participants beyond their noise is not kept. With fewer than two participants per answer no validation split is made.
+    generalise to the user's held-out participants beyond their noise is not kept. With fewer
+    than two participants per answer no validation split is made.
 
     Returns ``(model, info)`` with the model in eval mode and ``info`` holding the losses, the
     validation curve and chosen step, the recalibration report and calibration, and the first
@@ -316,10 +317,10 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
             z = calibrated_logits(fm, answer_scores(fm, blks, [prompt.task])[0], cal, blks)
             y = torch.tensor([answer_index[examples[i][1]] for i in idx], device=z.device)
             return torch.nn.functional.cross_entropy(z, y, reduction="none" if per_example else "mean")
-        segs = [instruction_segments(prompt.task, j, examples[i][1]) for j, i in enumerate(idx)]
-        if per_example:
+        if per_example:  # one sequence per example: the text loss is a mean over a batch's tokens
             return torch.stack([fm([instruction_segments(prompt.task, 0, examples[i][1])], [b], ["instruct"],
                                    {"instruct": 1.0}, 0.0)["loss"] for i, b in zip(idx, blks)])
+        segs = [instruction_segments(prompt.task, j, examples[i][1]) for j, i in enumerate(idx)]
         return fm(segs, blks, ["instruct"] * len(segs), {"instruct": 1.0}, 0.0)["loss"]
 
     train_idx, val_idx = validation_split([a for _, a in examples], groups, settings.validation, settings.seed)

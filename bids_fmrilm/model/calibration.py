@@ -264,10 +264,7 @@ def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], p
 def apply_calibration_matrix(proba: np.ndarray, calibration: Mapping, evidence: np.ndarray | None = None
                              ) -> np.ndarray:
     """:func:`apply_calibration` with the evidence matrix given directly (n_runs, n_answers)."""
-    offset = np.asarray(calibration["bias"], np.float64)[None, :]
-    if evidence is not None and calibration.get("weight"):
-        offset = offset + float(calibration["weight"]) * np.asarray(evidence, np.float64)
-    return _calibrated(proba, calibration, offset)
+    return _calibrated(proba, calibration, _offset(calibration, len(proba), evidence))
 
 
 def applies(calibration: Mapping | None, answers: Sequence[str]) -> bool:
@@ -315,11 +312,19 @@ def calibration_offset(calibration: Mapping, n_runs: int, readouts: np.ndarray |
     ValueError
         When the calibration reads readout evidence and ``readouts`` or a value it reads is missing.
     """
-    offset = np.tile(np.asarray(calibration["bias"], np.float64), (n_runs, 1))
     spec = calibration.get("evidence")
+    evidence = None
     if spec and calibration.get("weight"):
         if readouts is None or readout_names is None or not set(spec["columns"]) <= set(readout_names):
             raise ValueError(f"this answer calibration reads the run readout's {', '.join(spec['columns'])}; "
                              "pass the runs' readouts and the readout's value names")
-        offset = offset + float(calibration["weight"]) * evidence_matrix(spec, readouts, readout_names)
+        evidence = evidence_matrix(spec, readouts, readout_names)
+    return _offset(calibration, n_runs, evidence)
+
+
+def _offset(calibration: Mapping, n_runs: int, evidence: np.ndarray | None = None) -> np.ndarray:
+    """The answers' biases plus, with ``evidence`` (n_runs, n_answers), ``weight`` times it."""
+    offset = np.tile(np.asarray(calibration["bias"], np.float64), (n_runs, 1))
+    if evidence is not None and calibration.get("weight"):
+        offset = offset + float(calibration["weight"]) * np.asarray(evidence, np.float64)
     return offset

@@ -321,6 +321,83 @@ def test_resume_continues_from_saved_state(trained, tmp_path):
     assert part[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-4)
 
 
+def test_replayed_exposure_is_what_training_showed_and_calibration_avoids_it(trained, tmp_path, monkeypatch):
+    """llm_exposure replays, from a checkpoint's training record alone, exactly the (run, task)
+    answers the training steps put beside a run's fMRI; the answer calibration is fitted on the
+    others."""
+    import bids_fmrilm.training.evaluate_lm as ev
+    import bids_fmrilm.training.lm as lm
+    from bids_fmrilm.model.calibration import UNSEEN
+    from bids_fmrilm.model.checkpoint import load_checkpoint
+
+    root = trained["root"]
+    drawn = []
+    real = lm.draw_batch
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        drawn.append(out[3])
+        return out
+
+    monkeypatch.setattr(lm, "draw_batch", spy)
+    kw = {**trained["kw"], "n_describe": 0, "evaluate": False}
+    lm.train_stage("pretrain", trained["corpus"], root / "data", tmp_path / "pre", root / "tok", **kw)
+    lm.train_stage("instruct", trained["corpus"], root / "data", tmp_path / "ins", tmp_path / "pre" / "model", **kw)
+    monkeypatch.setattr(lm, "draw_batch", real)
+    fm, tok, tasks, meta = load_checkpoint(tmp_path / "ins" / "model", device="cpu", quantization="none")
+    n_fresh = sum(c["fitted_on"] == UNSEEN for c in meta["calibration"].values())
+    assert f"{n_fresh} of {len(meta['calibration'])} tasks on answers training never showed the LLM" \
+        in (tmp_path / "ins" / "model" / "README.md").read_text()  # the model card says where it was fitted
+    steps = meta["training"]["pretrain"]["steps"] + meta["training"]["instruct"]["steps"]
+    # the 12 training steps, then the end of stage 3 replays them for its calibration
+    assert steps == 12 and len(drawn) == 2 * steps and drawn[:steps] == drawn[steps:]
+    drawn = drawn[:steps]
+    data = lm.prepare_data(trained["corpus"], root / "data", tok, log=lambda m: None)
+    train_idx, test_idx = lm.split_sites(data, meta["training"]["heldout_sites"])
+    roi = tok.model.roi_embed(torch.from_numpy(data.coords)).detach()
+    seen = lm.training_exposure(data, tasks, fm.cfg, meta["training"], train_idx, roi)
+    col = {t.name: k for k, t in enumerate(tasks)}
+    want = np.zeros_like(seen)
+    for batch in drawn:
+        for i, names in batch:
+            want[i, [col[n] for n in names]] = True
+    assert want[train_idx].any()  # (the tiny corpus is small: 12 steps show most training answers)
+    np.testing.assert_array_equal(seen, want)
+    assert not seen[test_idx].any()
+    # a continued stage adds its earlier run: seeds and steps of both are replayed
+    assert lm.stage_schedule({"instruct": {"seed": 1, "steps": 4, "continued_from": {"seed": 0, "steps": 6}}},
+                             "instruct") == [(1, 4), (0, 6)]
+    # calibration on the answers the LLM never saw: each task's n counts exactly those
+    monkeypatch.setattr(ev, "MIN_UNSEEN", 2)
+    monkeypatch.setattr("bids_fmrilm.model.calibration.LEVEL_MAP_MIN_RUNS", 4)
+    exposed = np.zeros_like(seen)
+    exposed[train_idx[0]] = True  # one training run counts as seen for every task
+    _, readouts = lm.checkpoint_readouts(data, test_idx, fm.cfg, 0, lambda m: None, fm.readout)
+    cal = ev.fit_answer_calibration(fm, tasks, data, train_idx, roi, readouts, max_runs=256, log=lambda m: None,
+                                    exposed=exposed)
+    fresh_fits = 0
+    for name, c in cal.items():
+        task = tasks[col[name]]
+        answered = [i for i in train_idx if task.answer_for(data.phenotype[i], data.z[i]) in task.answers]
+        if c["fitted_on"] == UNSEEN:
+            fresh_fits += 1
+            assert c["n"] == len([i for i in answered if i != train_idx[0]])
+            if c.get("evidence"):  # readout first, on every answered run; the LLM weighed in by grouped CV
+                assert c["parts"]["readout"]["n"] == len(answered) and sum(c["class_counts"]) == len(answered)
+                assert c["selection"]["chosen"] in {"checkpoint", *c["selection"]["cv_loss"]}
+                if c["selection"]["chosen"] == "checkpoint":
+                    assert c["scale"] == pytest.approx(ev.READOUT_ONLY_SCALE)
+                    assert c["weight"] == pytest.approx(c["parts"]["readout"]["weight"])
+        else:  # a single answer among the unseen runs: the fit falls back to all, and says so
+            assert c["fitted_on"] == "training answers" and c["n"] == len(answered)
+    assert fresh_fits >= 1 and any("selection" in c for c in cal.values())
+    # descriptor tasks carry the map of the readout's score to z units ("markedly" levels), fitted on
+    # every training run (cross-fitted readouts)
+    desc = [n for n in cal if tasks[col[n]].source.startswith("descriptor:")]
+    assert desc and all(cal[n]["level_map"]["column"] == "z:" + tasks[col[n]].source.split(":", 1)[1]
+                        and cal[n]["level_map"]["n"] == len(train_idx) for n in desc)
+
+
 def test_few_shot_prompt_and_task_answers():
     segs = few_shot_segments(SEX, [(0, "male"), (1, "female")], 2)
     fmri = [s[1] for s in segs if s[0] == "fmri"]

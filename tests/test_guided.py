@@ -53,6 +53,25 @@ def test_description_levels_state_the_most_probable_level_under_the_training_fre
     # a class-balanced calibration assumes equal levels: weighted by how often each level occurs
     cal = {task.name: {"scale": 1.0, "bias": [0.0, 0.0, 0.0], "answers": list(task.answers), "class_counts": [10, 80, 10]}}
     assert [d["fc_within.mean"] for d in description_levels([task], [p], cal)] == ["typical", "lower", "higher"]
+    # a level map (the readout's score in z units) says "markedly" beyond 2 on the side the answer states
+    from bids_fmrilm.model.calibration import fit_level_map
+
+    rng = np.random.default_rng(0)
+    score = rng.standard_normal(400)
+    z = 0.3 + 1.8 * score + 0.2 * rng.standard_normal(400)
+    m = fit_level_map(score, z, "z:fc_within.mean")
+    assert m["slope"] == pytest.approx(1.8, abs=0.05) and m["intercept"] == pytest.approx(0.3, abs=0.05) and m["r2"] > 0.9
+    assert fit_level_map(score[:5], z[:5], "z:x") is None and fit_level_map(np.ones(50), z[:50], "z:x") is None
+    mapped = {task.name: {**cal[task.name], "level_map": m}}
+    names = ["sex:M", "z:fc_within.mean"]
+    readouts = np.array([[0.0, 2.0], [0.0, -2.0], [0.0, 2.0]])  # z estimates 3.9, -3.3, 3.9
+    got = [d["fc_within.mean"] for d in description_levels([task], [p], mapped, readouts, names)]
+    assert got == ["typical", "markedly_lower", "markedly_higher"]  # "typical" is never upgraded
+    readouts[:, 1] = [0.5, -0.5, 0.5]  # estimates 1.2, -0.6, 1.2: no "markedly"
+    assert [d["fc_within.mean"] for d in description_levels([task], [p], mapped, readouts, names)] == ["typical", "lower", "higher"]
+    readouts[:, 1] = [-2.0, 2.0, -2.0]  # an estimate on the other side than the answer: no "markedly"
+    assert [d["fc_within.mean"] for d in description_levels([task], [p], mapped, readouts, names)] == ["typical", "lower", "higher"]
+    assert [d["fc_within.mean"] for d in description_levels([task], [p], mapped)] == ["typical", "lower", "higher"]
     # a calibration of another answer list is not this task's
     other = {task.name: {**cal[task.name], "answers": ["a", "b", "c"]}}
     assert [d["fc_within.mean"] for d in description_levels([task], [p], other)] == ["lower", "lower", "higher"]

@@ -328,3 +328,44 @@ def _offset(calibration: Mapping, n_runs: int, evidence: np.ndarray | None = Non
     if evidence is not None and calibration.get("weight"):
         offset = offset + float(calibration["weight"]) * np.asarray(evidence, np.float64)
     return offset
+
+
+UNSEEN = "training answers the LLM never saw"
+"""A calibration's ``fitted_on`` when it was fitted on answers training never showed the LLM."""
+
+LEVEL_MAP_MIN_RUNS = 20
+"""Fewest training runs with a score and a z-score for a :func:`fit_level_map`."""
+
+
+def fit_level_map(score: np.ndarray, z: np.ndarray, column: str, min_runs: int | None = None) -> dict | None:
+    """A descriptor's z-score from the readout's score of it: least squares ``z ~ intercept +
+    slope * score`` on training runs (their cross-fitted readouts), so a description can say
+    *markedly* (:data:`~bids_fmrilm.descriptors.text.MARKED_Z`) where the three answers only say
+    lower or higher. The readout's columns are standardised over training runs, not in z units;
+    the map puts them back. The fitted line is the conditional mean of z, so stating "markedly"
+    where it crosses the threshold is the more probable choice under symmetric residuals.
+
+    Returns ``{"column", "intercept", "slope", "residual_sd", "r2", "n"}``, or None with fewer
+    than ``min_runs`` (default :data:`LEVEL_MAP_MIN_RUNS`) finite pairs or a score without spread.
+    """
+    min_runs = LEVEL_MAP_MIN_RUNS if min_runs is None else min_runs
+    s, t = np.asarray(score, np.float64), np.asarray(z, np.float64)
+    ok = np.isfinite(s) & np.isfinite(t)
+    if ok.sum() < min_runs or s[ok].std() < 1e-8:
+        return None
+    slope, intercept = np.polyfit(s[ok], t[ok], 1)
+    resid = t[ok] - (intercept + slope * s[ok])
+    r2 = 1.0 - resid.var() / max(t[ok].var(), 1e-12)
+    return {"column": column, "intercept": float(intercept), "slope": float(slope),
+            "residual_sd": float(resid.std()), "r2": float(r2), "n": int(ok.sum())}
+
+
+def level_z(calibration: Mapping | None, readouts: np.ndarray | None, readout_names: Sequence[str] | None
+            ) -> np.ndarray | None:
+    """The z-score estimates (n_runs,) of a calibration's ``level_map`` (:func:`fit_level_map`),
+    or None without a map, readouts, or the column it reads."""
+    m = (calibration or {}).get("level_map")
+    if not m or readouts is None or readout_names is None or m["column"] not in readout_names:
+        return None
+    col = list(readout_names).index(m["column"])
+    return m["intercept"] + m["slope"] * np.asarray(readouts, np.float64).reshape(len(readouts), -1)[:, col]

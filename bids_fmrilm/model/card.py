@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .calibration import UNSEEN
+
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -93,12 +95,18 @@ def model_card(meta: dict[str, Any]) -> str:
         lines += ["", "## Answer calibration",
                   "Zero-shot answers are calibrated (model/calibration.py): per task one temperature and one offset per",
                   "answer, fitted class-balanced on the model's own answers of training runs "
-                  f"({max(c.get('n', 0) for c in cal.values())} runs at most)"
+                  f"({max(c.get('n', 0) for c in cal.values())} runs at most"
+                  + (f"; {sum(c.get('fitted_on') == UNSEEN for c in cal.values())} of {len(cal)} tasks on answers "
+                     "training never showed the LLM, replayed from the training record"
+                     if any("fitted_on" in c for c in cal.values()) else "") + ")"
                   + (", fused with the run readout's own score of the task (late fusion, one fitted weight; the "
                      "held-out rows show the LLM alone and the readout score alone)"
                      if any(c.get("weight") for c in cal.values()) else "") + ": "
                   + "; ".join(f"{n} scale {c['scale']:.2f}" + (f", readout weight {c['weight']:+.2f}" if c.get("weight")
-                                                                 else "") for n, c in sorted(cal.items())) + "."]
+                                                                 else "")
+                              + (" (readout alone: the unseen answers did not support the LLM's)"
+                                 if (c.get("selection") or {}).get("chosen") == "checkpoint" else "")
+                              for n, c in sorted(cal.items())) + "."]
     lines += ["", "## Held-out metrics (site-disjoint)", ""]
     rows = _metric_rows(meta.get("metrics", {}))
     if rows:

@@ -188,16 +188,22 @@ class LevelGuide(LogitsProcessor):
         return out
 
 
-def description_levels(tasks: Sequence[Task], probas: Sequence[np.ndarray], calibration: dict | None = None
+def description_levels(tasks: Sequence[Task], probas: Sequence[np.ndarray], calibration: dict | None = None,
+                       readouts: np.ndarray | None = None, readout_names: Sequence[str] | None = None
                        ) -> list[dict[str, str]]:
     """Per run, the level of each descriptor the model's answers state: ``{feature key: level}``.
 
     ``probas`` are :func:`score_tasks` outputs of ``tasks`` (calibrated). A calibration is fitted
     class-balanced, so its probabilities assume equal levels; the stated level is the most probable
     one under the training runs' level frequencies (its ``class_counts``), the choice that is most
-    often right, as a description should be.
+    often right, as a description should be. With the runs' ``readouts`` (n_runs, S) and the
+    readout's value names, a calibration's ``level_map``
+    (:func:`~bids_fmrilm.model.calibration.fit_level_map`) turns "lower" or "higher" into
+    "markedly lower" or "markedly higher" where its z estimate is beyond
+    :data:`~bids_fmrilm.descriptors.text.MARKED_Z` on the same side.
     """
-    from .calibration import applies
+    from ..descriptors.text import MARKED_Z
+    from .calibration import applies, level_z
 
     n = len(probas[0]) if len(probas) else 0
     out: list[dict[str, str]] = [{} for _ in range(n)]
@@ -206,10 +212,16 @@ def description_levels(tasks: Sequence[Task], probas: Sequence[np.ndarray], cali
         if kind != "descriptor" or list(task.answers) != ["lower", "typical", "higher"]:
             continue
         cal = (calibration or {}).get(task.name)
-        prior = np.asarray(cal["class_counts"], np.float64) + 1.0 if applies(cal, task.answers) \
-            and cal.get("class_counts") else np.ones(len(task.answers))
+        fits = applies(cal, task.answers)
+        prior = np.asarray(cal["class_counts"], np.float64) + 1.0 if fits and cal.get("class_counts") \
+            else np.ones(len(task.answers))
+        z = level_z(cal, readouts, readout_names) if fits else None
         for r, a in enumerate((np.asarray(p) * prior).argmax(1)):
-            out[r][key] = task.answers[int(a)]
+            level = task.answers[int(a)]
+            if z is not None and (level, z[r] >= MARKED_Z, z[r] <= -MARKED_Z) in (("higher", True, False),
+                                                                                  ("lower", False, True)):
+                level = f"markedly_{level}"
+            out[r][key] = level
     return out
 
 

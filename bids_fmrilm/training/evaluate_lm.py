@@ -55,43 +55,102 @@ def fc_logistic(fc_train: np.ndarray, y_train: np.ndarray, fc_test: np.ndarray, 
     return proba
 
 
+READOUT_ONLY_SCALE = float(np.exp(-4.0))
+"""The LLM answer's weight (calibration scale, the fit's lower bound) in a calibration that starts
+from the readout's score alone."""
+
+MIN_UNSEEN = 24
+"""Fewest answers of a task the LLM never trained on for its calibration to be fitted on those
+alone; with fewer, it is fitted on every scored training answer (and records so)."""
+
+
 def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi: torch.Tensor,
                            readouts: np.ndarray | None = None, max_runs: int = 256, seed: int = 0,
-                           log: Callable[[str], None] = print) -> dict[str, dict]:
+                           log: Callable[[str], None] = print, exposed: np.ndarray | None = None) -> dict[str, dict]:
     """Answer calibration (:mod:`~bids_fmrilm.model.calibration`) of every task on training runs.
 
-    Up to ``max_runs`` of the runs ``idx`` (a seeded random subset) are scored zero-shot as at
-    inference (their first patches, their cross-fitted readouts), and each task with at least two
-    answers among them gets a calibration fitted on the runs that have an answer. Returns
-    ``{task name: calibration}``.
+    Up to ``max_runs`` of the runs ``idx`` are scored zero-shot as at inference (their first
+    patches, their cross-fitted readouts), and each task with at least two answers among them gets
+    a calibration fitted on the runs that have an answer. Returns ``{task name: calibration}``.
+
+    ``exposed`` (n_runs, n_tasks) bool, from :func:`~bids_fmrilm.training.lm.llm_exposure`: the
+    answers training showed the LLM. Each task is then fitted on the answers the LLM never saw
+    (when there are at least :data:`MIN_UNSEEN`), and the runs scored are those with the most
+    such answers. A calibration fitted on memorised answers measures the LLM's in-sample
+    confidence: it weighs the LLM's answer above the readout's score (whose training-run values
+    are cross-fitted, so honest) and loses to the readout alone on sites the model never saw.
+    A task the readout scores starts from the readout alone, calibrated on every answered run of
+    ``idx``; the LLM's answer then gets weight only where participant-grouped cross-validation on
+    the unseen answers prefers a fit pulled towards that start
+    (:func:`~bids_fmrilm.model.calibration.refit_calibration`, recorded as ``selection``).
+    Without ``exposed`` a seeded random subset of ``idx`` is scored and every task is fitted on
+    its answers jointly.
     """
-    from ..model.calibration import evidence_matrix, fit_calibration, task_evidence
+    from ..model.calibration import (UNSEEN, evidence_matrix, fit_calibration, fit_level_map, refit_calibration,
+                                     task_evidence)
     from ..model.inference import score_tasks
     from .lm import make_block
 
     names = fm.readout.names if readouts is not None and getattr(fm, "readout", None) is not None else None
-    idx = np.asarray(idx)
-    if len(idx) > max_runs:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_runs, replace=False))
+    idx = all_idx = np.asarray(idx)
+    rng = np.random.default_rng(seed)
+    if exposed is not None and (~exposed[idx]).any():
+        unseen = (~exposed[idx]).sum(1)
+        order = np.lexsort((rng.random(len(idx)), -unseen))[:max_runs]  # most unseen answers first
+        idx = np.sort(idx[order[unseen[order] > 0]])
+    elif len(idx) > max_runs:
+        idx = np.sort(rng.choice(idx, size=max_runs, replace=False))
     blocks = [make_block(data, int(i), roi, fm.cfg.max_patches, readouts=readouts) for i in idx]
     probas = score_tasks(fm, blocks, tasks, calibrated=False)
     out: dict[str, dict] = {}
-    for task, proba in zip(tasks, probas):
-        ai = {a: k for k, a in enumerate(task.answers)}
+    for k, (task, proba) in enumerate(zip(tasks, probas)):
+        ai = {a: j for j, a in enumerate(task.answers)}
         y = np.array([ai.get(task.answer_for(data.phenotype[i], data.z[i]), -1) for i in idx])
         keep = y >= 0
+        fitted_on = "training answers"
+        if exposed is not None:
+            fresh = keep & ~exposed[idx, k]
+            if fresh.sum() >= MIN_UNSEEN and len(np.unique(y[fresh])) >= 2:
+                keep, fitted_on = fresh, UNSEEN
+            else:
+                log(f"calibration {task.name}: only {int(fresh.sum())} answers the LLM never saw; "
+                    "fitted on answers it trained on")
         if keep.sum() < 4 or len(np.unique(y[keep])) < 2:
             continue
         spec = task_evidence(task, names) if names is not None else None
         ev = None if spec is None else evidence_matrix(spec, readouts[idx[keep]], names)
-        out[task.name] = c = fit_calibration(proba[keep], y[keep], task.answers, evidence=ev, evidence_spec=spec)
-        if spec is not None:  # each input calibrated alone, for the held-out ablation rows (not applied)
+        if spec is not None and fitted_on == UNSEEN:
+            # the readout alone on every answered training run (cross-fitted, so honest), then the
+            # LLM's answer weighed in only as far as the answers it never saw bear out
+            y_all = np.array([ai.get(task.answer_for(data.phenotype[i], data.z[i]), -1) for i in all_idx])
+            ok = y_all >= 0
+            alone = fit_calibration(np.full((int(ok.sum()), len(task.answers)), 1.0 / len(task.answers)), y_all[ok],
+                                    task.answers, evidence=evidence_matrix(spec, readouts[all_idx[ok]], names),
+                                    evidence_spec=spec)
+            groups = [str(data.keys[i][0]) for i in idx[keep]]  # participants
+            c, report = refit_calibration(proba[keep], y[keep], groups, {**alone, "scale": READOUT_ONLY_SCALE},
+                                          evidence=ev, seed=seed)
+            c.update(n=int(keep.sum()), class_counts=alone["class_counts"], selection=report,
+                     parts={"llm": fit_calibration(proba[keep], y[keep], task.answers), "readout": alone})
+            out[task.name] = c
+        else:
+            out[task.name] = c = fit_calibration(proba[keep], y[keep], task.answers, evidence=ev, evidence_spec=spec)
+        c["fitted_on"] = fitted_on
+        where, _, key = task.source.partition(":")
+        if where == "descriptor" and names is not None and f"z:{key}" in names:  # for "markedly" levels
+            z = np.array([np.nan if data.z[i].get(key) is None else float(data.z[i][key]) for i in all_idx])
+            level_map = fit_level_map(readouts[all_idx, list(names).index(f"z:{key}")], z, f"z:{key}")
+            if level_map is not None:
+                c["level_map"] = level_map
+        if spec is not None and "parts" not in c:  # each input calibrated alone, for the held-out rows (not applied)
             flat = np.full_like(proba[keep], 1.0 / proba.shape[1])
             c["parts"] = {"llm": fit_calibration(proba[keep], y[keep], task.answers),
                           "readout": fit_calibration(flat, y[keep], task.answers, evidence=ev, evidence_spec=spec)}
         log(f"calibration {task.name}: scale {c['scale']:.2f}, bias {', '.join(f'{b:+.2f}' for b in c['bias'])}"
             + (f", readout weight {c['weight']:+.2f} ({', '.join(spec['columns'])})" if spec else "")
-            + f" ({int(keep.sum())} training runs)")
+            + f" ({int(keep.sum())} {fitted_on}"
+            + (f"; {'readout alone kept' if c['selection']['chosen'] == 'checkpoint' else 'LLM weighed in, ridge ' + c['selection']['chosen']}"
+               if "selection" in c else "") + ")")
     return out
 
 
@@ -191,7 +250,8 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
 
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(test_idx), size=min(n_describe, len(test_idx)), replace=False)
-        levels = description_levels(tasks, [proba_all[t.name][pick] for t in tasks], calibration)
+        levels = description_levels(tasks, [proba_all[t.name][pick] for t in tasks], calibration,
+                                    None if readouts is None else readouts[test_idx[pick]], names)
         keys = sorted({k for i in test_idx for k in data.z[i]})
         others = [int(test_idx[(k + 1 + int(rng.integers(len(test_idx) - 1))) % len(test_idx)]) for k in pick]
         runs = [int(test_idx[k]) for k in pick]

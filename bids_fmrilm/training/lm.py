@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,17 +200,88 @@ def stage3_example(data: LMData, i: int, j: int, tasks: Sequence[Task], rng: np.
                    describe_fraction: float = 0.0, questions: int = 1):
     """Instructions on up to ``questions`` tasks run ``i`` has answers for, each in its own
     branch (None when it has none); a share of ``describe_fraction`` stays fMRI -> description so
-    that stage 3 keeps what stage 2 taught."""
+    that stage 3 keeps what stage 2 taught. Returns (segments, kind, names of the tasks asked)."""
     if describe_fraction > 0 and rng.random() < describe_fraction:
-        return describe_segments(j, data.texts[i]), "describe"
+        return describe_segments(j, data.texts[i]), "describe", ()
     options = [(t, a) for t in tasks if (a := t.answer_for(data.phenotype[i], data.z[i])) is not None]
     if not options:
-        return None, None
-    pick = rng.permutation(len(options))[: max(1, questions)]
+        return None, None, ()
+    pick = [options[int(k)] for k in rng.permutation(len(options))[: max(1, questions)]]
+    asked = tuple(t.name for t, _ in pick)
     if len(pick) == 1:
-        t, a = options[int(pick[0])]
-        return instruction_segments(t, j, a), "instruct"
-    return multi_instruction_segments(j, [options[int(k)] for k in pick]), "instruct"
+        return instruction_segments(pick[0][0], j, pick[0][1]), "instruct", asked
+    return multi_instruction_segments(j, pick), "instruct", asked
+
+
+def draw_batch(data: LMData, idx: np.ndarray, tasks: Sequence[Task], cfg: FMRILMConfig, stage: str, seed: int,
+               step: int, roi: torch.Tensor, readouts: np.ndarray | None = None, process: int = 0):
+    """The examples of one training step: a pure function of (``seed``, ``step``, ``process``), so
+    that a resumed run draws what it would have drawn and :func:`llm_exposure` can replay what the
+    LLM read. Returns (examples, kinds, blocks, shown): ``shown`` lists, per example, the run and
+    the names of the tasks whose answers the example shows next to its fMRI (a description shows
+    every descriptor task's level; a text-only example shows no fMRI)."""
+    rng = np.random.default_rng([seed, step, process])
+    described = tuple(t.name for t in tasks if t.source.startswith("descriptor:"))
+    examples, kinds, blocks, shown = [], [], [], []
+    while len(examples) < cfg.batch_size:
+        i = int(rng.choice(idx))
+        j = len(blocks)
+        if stage == "pretrain":
+            segs, kind = stage2_example(data, i, j, cfg, rng)
+            asked = ()
+        else:
+            segs, kind, asked = stage3_example(data, i, j, tasks, rng, cfg.describe_fraction_instruct,
+                                               cfg.questions_per_example)
+            if segs is None:
+                continue
+        blocks.append(make_block(data, i, roi, cfg.max_patches, rng, readouts))
+        examples.append(segs)
+        kinds.append(kind)
+        shown.append((i, described if kind == "describe" else asked))
+    return examples, kinds, blocks, shown
+
+
+def stage_schedule(training: Mapping[str, Any], stage: str) -> list[tuple[int, int]]:
+    """(seed, steps) of every run of ``stage`` a checkpoint's ``training`` record lists: the stage
+    itself and, for a continued stage, what it continued from (each restarted at step 0)."""
+    out, rec = [], training.get(stage)
+    while isinstance(rec, Mapping):
+        out.append((int(rec.get("seed", 0)), int(rec.get("steps", 0))))
+        rec = rec.get("continued_from")
+    return out
+
+
+def llm_exposure(data: LMData, tasks: Sequence[Task], cfg: FMRILMConfig, schedule: Sequence[tuple],
+                 roi: torch.Tensor) -> np.ndarray:
+    """Which answers training showed the LLM: (n_runs, n_tasks) bool, True where some training
+    example put run ``i``'s fMRI beside task ``t``'s answer (:func:`draw_batch`, replayed).
+
+    ``schedule``: (stage, training run indices, seed, steps, processes) of every stage the LLM was
+    trained in. The answer calibration is fitted where this is False, on answers the model could
+    not have memorised; fitted on answers it was trained on, the calibration learns the LLM's
+    in-sample confidence and trusts it over the readout on sites it never saw.
+    """
+    col = {t.name: k for k, t in enumerate(tasks)}
+    seen = np.zeros((len(data.keys), len(tasks)), dtype=bool)
+    for stage, idx, seed, steps, processes in schedule:
+        if not len(idx):
+            continue
+        for step in range(int(steps)):
+            for p in range(int(processes)):
+                for i, names in draw_batch(data, np.asarray(idx), tasks, cfg, stage, seed, step, roi, process=p)[3]:
+                    seen[i, [col[n] for n in names if n in col]] = True
+    return seen
+
+
+def training_exposure(data: LMData, tasks: Sequence[Task], cfg: FMRILMConfig, training: Mapping[str, Any],
+                      train_idx: np.ndarray, roi: torch.Tensor) -> np.ndarray:
+    """:func:`llm_exposure` of a checkpoint from its ``training`` record: stage 2 on the training
+    runs ``train_idx`` (all of the split's training sites), stage 3 on those that answer a task."""
+    schedule = []
+    for stage, idx in (("pretrain", train_idx), ("instruct", answerable(data, train_idx, tasks))):
+        processes = int((training.get(stage) or {}).get("processes", 1))
+        schedule += [(stage, idx, seed, steps, processes) for seed, steps in stage_schedule(training, stage)]
+    return llm_exposure(data, tasks, cfg, schedule, roi)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -284,6 +355,7 @@ def train_stage(
     train_idx, test_idx = split_sites(data, held)
     if len(train_idx) == 0:
         raise UsageError("no training runs left after holding out sites", fix="hold out fewer sites")
+    site_train_idx = train_idx
     tasks = default_tasks(cfg.descriptor_questions)
     if stage == "instruct":
         train_idx = answerable(data, train_idx, tasks)
@@ -351,21 +423,8 @@ def train_stage(
     with prog:
         task = prog.add_task(stage, total=total, completed=step, info="")
         while step < total:
-            rng = np.random.default_rng([seed, step, accelerator.process_index])
-            examples, kinds, blocks = [], [], []
-            while len(examples) < cfg.batch_size:
-                i = int(rng.choice(train_idx))
-                j = len(blocks)
-                if stage == "pretrain":
-                    segs, kind = stage2_example(data, i, j, cfg, rng)
-                else:
-                    segs, kind = stage3_example(data, i, j, tasks, rng, cfg.describe_fraction_instruct,
-                                                cfg.questions_per_example)
-                    if segs is None:
-                        continue
-                blocks.append(make_block(data, i, roi, cfg.max_patches, rng, readouts))
-                examples.append(segs)
-                kinds.append(kind)
+            examples, kinds, blocks, _ = draw_batch(data, train_idx, tasks, cfg, stage, seed, step, roi, readouts,
+                                                    accelerator.process_index)
             losses = model(examples, blocks, kinds, weights, fmri_w, cfg.max_text_tokens)
             opt.zero_grad(set_to_none=True)
             accelerator.backward(losses["loss"])
@@ -407,7 +466,8 @@ def train_stage(
         training[stage] = {"corpus": str(corpus_jsonl), "timeseries_dir": str(timeseries_dir), "seed": seed,
                            "steps": step, "stopped_early": stopped_early, "train_wall_s": round(train_s, 1),
                            "n_train_runs": int(len(train_idx)), "device": str(dev),
-                           "quantization": getattr(raw.llm, "bids_fmrilm_quantization", "none")}
+                           "quantization": getattr(raw.llm, "bids_fmrilm_quantization", "none"),
+                           "processes": accelerator.num_processes}
         if prev_meta.get("stage") == stage:  # a continued stage: what it started from
             training[stage]["continued_from"] = {"id": prev_meta.get("id"), **(prev_meta.get("training", {}).get(stage) or {})}
         training.update(heldout_sites=held, train_sites=sorted(set(data.sites) - set(held)),
@@ -435,8 +495,10 @@ def train_stage(
             from .evaluate_lm import fit_answer_calibration
 
             t_cal = time.time()
+            exposed = training_exposure(data, tasks, cfg, training, site_train_idx, roi)
             raw.calibration = fit_answer_calibration(raw, tasks, data, train_idx, roi, readouts,
-                                                     max_runs=cfg.calibration_runs, seed=seed, log=log)
+                                                     max_runs=cfg.calibration_runs, seed=seed, log=log,
+                                                     exposed=exposed)
             meta["calibration"] = raw.calibration
             training[stage]["calibration_wall_s"] = round(time.time() - t_cal, 1)
         save_checkpoint(out / "model", raw, tok, tasks, meta)
@@ -478,7 +540,8 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, corpus_jsonl: str | os.Pat
     cfg = fm.cfg
     data = prepare_data(corpus_jsonl, timeseries_dir, tok, log=log)
     held = meta.get("training", {}).get("heldout_sites") or []
-    train_idx, test_idx = split_sites(data, held)
+    site_train_idx, test_idx = split_sites(data, held)
+    train_idx = site_train_idx
     if not len(test_idx):
         raise UsageError("the checkpoint holds out no site of this corpus", path=model_dir,
                          fix="evaluate on the corpus it was trained on")
@@ -491,8 +554,9 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, corpus_jsonl: str | os.Pat
     with torch.no_grad():
         roi = tok.model.roi_embed(torch.from_numpy(data.coords)).detach().to(dev)
     if calibrate:
+        exposed = training_exposure(data, tasks, cfg, meta.get("training", {}), site_train_idx, roi)
         fm.calibration = (fit_answer_calibration(fm, tasks, data, train_idx, roi, readouts, cfg.calibration_runs,
-                                                 seed, log) if cfg.calibration_runs > 0 else {})
+                                                 seed, log, exposed=exposed) if cfg.calibration_runs > 0 else {})
         set_calibration(model_dir, fm.calibration)
     metrics = evaluate_heldout(fm, tok, tasks, data, train_idx, test_idx, roi, seed=seed, n_describe=n_describe,
                                stage=stage, log=log, readouts=readouts)

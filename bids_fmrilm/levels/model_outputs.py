@@ -179,8 +179,7 @@ def compute_fmrilm(model: LoadedModel, item: dict[str, Any]) -> None:
     outputs do not depend on which other runs were selected: padding a batch of runs of different
     lengths changes results in the 6th digit.
     """
-    from ..model.inference import (block_readouts, description_levels, embed_blocks, generate_descriptions, score_options,
-                                   score_tasks)
+    from ..model.inference import embed_blocks, generate_descriptions, model_levels, score_options, score_tasks
 
     api = model.api
     blk = api.block(item["prepared"])
@@ -189,8 +188,7 @@ def compute_fmrilm(model: LoadedModel, item: dict[str, Any]) -> None:
     probas = score_tasks(api.fm, [blk], tasks)  # one pass for every task
     item["predictions"] = {name: p[0] for name, p in zip(api.tasks, probas)}
     # the description states the descriptor levels the predictions give (guided decoding)
-    levels = description_levels(tasks, probas, getattr(api.fm, "calibration", None), block_readouts([blk]),
-                                getattr(api.fm.readout, "names", None))
+    levels = model_levels(api.fm, tasks, probas, [blk])
     item["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"], levels=levels)[0]
     if model.adapter_task is not None:
         key, task = model.adapter_task

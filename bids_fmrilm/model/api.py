@@ -150,15 +150,14 @@ class FMRILMModel:
         (calibrated) answers to the descriptor questions (:func:`~.inference.description_levels`),
         as in the participant level's outputs; ``guided=False`` is the unconstrained text.
         """
-        from .inference import block_readouts, description_levels, generate_descriptions, score_tasks
+        from .inference import generate_descriptions, model_levels, score_tasks
 
         blk = [self.block(self.prepare(run))]
         levels = None
         if guided:
             tasks = [t for t in self.tasks.values() if t.source.startswith("descriptor:")]
             if tasks:
-                levels = description_levels(tasks, score_tasks(self.fm, blk, tasks), getattr(self.fm, "calibration", None),
-                                            block_readouts(blk), getattr(self.fm.readout, "names", None))
+                levels = model_levels(self.fm, tasks, score_tasks(self.fm, blk, tasks), blk)
         return generate_descriptions(self.fm, blk, max_new_tokens, levels=levels)[0]
 
     def predict(self, run: Any, task: str | Task | None = None) -> dict[str, Any]:

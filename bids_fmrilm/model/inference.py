@@ -218,11 +218,18 @@ def description_levels(tasks: Sequence[Task], probas: Sequence[np.ndarray], cali
         z = level_z(cal, readouts, readout_names) if fits else None
         for r, a in enumerate((np.asarray(p) * prior).argmax(1)):
             level = task.answers[int(a)]
-            if z is not None and (level, z[r] >= MARKED_Z, z[r] <= -MARKED_Z) in (("higher", True, False),
-                                                                                  ("lower", False, True)):
+            if z is not None and abs(z[r]) >= MARKED_Z and level == ("higher" if z[r] > 0 else "lower"):
                 level = f"markedly_{level}"
             out[r][key] = level
     return out
+
+
+def model_levels(fm: FMRILM, tasks: Sequence[Task], probas: Sequence[np.ndarray], blocks: Sequence[FMRIBlock]
+                 ) -> list[dict[str, str]]:
+    """:func:`description_levels` of ``blocks`` scored by ``fm``: its calibration, the blocks'
+    readouts and the readout's value names."""
+    return description_levels(tasks, probas, getattr(fm, "calibration", None), block_readouts(blocks),
+                              getattr(fm.readout, "names", None))
 
 
 @torch.no_grad()

@@ -64,6 +64,11 @@ MIN_UNSEEN = 24
 alone; with fewer, it is fitted on every scored training answer (and records so)."""
 
 
+def _flat(n_runs: int, n_answers: int) -> np.ndarray:
+    """Uniform answer probabilities: a calibration fitted on them reads the readout's score alone."""
+    return np.full((n_runs, n_answers), 1.0 / n_answers)
+
+
 def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi: torch.Tensor,
                            readouts: np.ndarray | None = None, max_runs: int = 256, seed: int = 0,
                            log: Callable[[str], None] = print, exposed: np.ndarray | None = None) -> dict[str, dict]:
@@ -105,7 +110,11 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
     out: dict[str, dict] = {}
     for k, (task, proba) in enumerate(zip(tasks, probas)):
         ai = {a: j for j, a in enumerate(task.answers)}
-        y = np.array([ai.get(task.answer_for(data.phenotype[i], data.z[i]), -1) for i in idx])
+
+        def answer_index(rows, task=task, ai=ai):  # each run's true answer, -1 where it has none
+            return np.array([ai.get(task.answer_for(data.phenotype[i], data.z[i]), -1) for i in rows])
+
+        y = answer_index(idx)
         keep = y >= 0
         fitted_on = "training answers"
         if exposed is not None:
@@ -122,19 +131,19 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
         if spec is not None and fitted_on == UNSEEN:
             # the readout alone on every answered training run (cross-fitted, so honest), then the
             # LLM's answer weighed in only as far as the answers it never saw bear out
-            y_all = np.array([ai.get(task.answer_for(data.phenotype[i], data.z[i]), -1) for i in all_idx])
-            ok = y_all >= 0
-            alone = fit_calibration(np.full((int(ok.sum()), len(task.answers)), 1.0 / len(task.answers)), y_all[ok],
-                                    task.answers, evidence=evidence_matrix(spec, readouts[all_idx[ok]], names),
-                                    evidence_spec=spec)
+            y_all = answer_index(all_idx)
+            rows = all_idx[y_all >= 0]
+            alone = fit_calibration(_flat(len(rows), proba.shape[1]), y_all[y_all >= 0], task.answers,
+                                    evidence=evidence_matrix(spec, readouts[rows], names), evidence_spec=spec)
             groups = [str(data.keys[i][0]) for i in idx[keep]]  # participants
             c, report = refit_calibration(proba[keep], y[keep], groups, {**alone, "scale": READOUT_ONLY_SCALE},
                                           evidence=ev, seed=seed)
-            c.update(n=int(keep.sum()), class_counts=alone["class_counts"], selection=report,
-                     parts={"llm": fit_calibration(proba[keep], y[keep], task.answers), "readout": alone})
-            out[task.name] = c
+            c.update(n=int(keep.sum()), class_counts=alone["class_counts"], selection=report)
         else:
-            out[task.name] = c = fit_calibration(proba[keep], y[keep], task.answers, evidence=ev, evidence_spec=spec)
+            c = fit_calibration(proba[keep], y[keep], task.answers, evidence=ev, evidence_spec=spec)
+            alone = None if spec is None else fit_calibration(_flat(int(keep.sum()), proba.shape[1]), y[keep],
+                                                              task.answers, evidence=ev, evidence_spec=spec)
+        out[task.name] = c
         c["fitted_on"] = fitted_on
         where, _, key = task.source.partition(":")
         if where == "descriptor" and names is not None and f"z:{key}" in names:  # for "markedly" levels
@@ -142,15 +151,14 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
             level_map = fit_level_map(readouts[all_idx, list(names).index(f"z:{key}")], z, f"z:{key}")
             if level_map is not None:
                 c["level_map"] = level_map
-        if spec is not None and "parts" not in c:  # each input calibrated alone, for the held-out rows (not applied)
-            flat = np.full_like(proba[keep], 1.0 / proba.shape[1])
-            c["parts"] = {"llm": fit_calibration(proba[keep], y[keep], task.answers),
-                          "readout": fit_calibration(flat, y[keep], task.answers, evidence=ev, evidence_spec=spec)}
+        if alone is not None:  # each input calibrated alone, for the held-out rows (not applied)
+            c["parts"] = {"llm": fit_calibration(proba[keep], y[keep], task.answers), "readout": alone}
+        chosen = (c.get("selection") or {}).get("chosen")
         log(f"calibration {task.name}: scale {c['scale']:.2f}, bias {', '.join(f'{b:+.2f}' for b in c['bias'])}"
             + (f", readout weight {c['weight']:+.2f} ({', '.join(spec['columns'])})" if spec else "")
             + f" ({int(keep.sum())} {fitted_on}"
-            + (f"; {'readout alone kept' if c['selection']['chosen'] == 'checkpoint' else 'LLM weighed in, ridge ' + c['selection']['chosen']}"
-               if "selection" in c else "") + ")")
+            + ("" if chosen is None else "; readout alone kept" if chosen == "checkpoint"
+               else f"; LLM weighed in, ridge {chosen}") + ")")
     return out
 
 
@@ -225,9 +233,8 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
             if "llm" in parts:
                 entry["fmrilm_llm_calibrated"] = _task_metrics(yt, apply_calibration(raw, parts["llm"], task.answers))
             if "readout" in parts and ro is not None:
-                flat = np.full_like(raw, 1.0 / raw.shape[1])
-                entry["readout_score"] = _task_metrics(yt, apply_calibration(flat, parts["readout"], task.answers,
-                                                                             ro, names))
+                entry["readout_score"] = _task_metrics(yt, apply_calibration(_flat(*raw.shape), parts["readout"],
+                                                                             task.answers, ro, names))
         majority = int(np.bincount(ytr, minlength=len(task.answers)).argmax())
         entry["majority_accuracy"] = float(np.mean(yt == majority))
         old = ((previous or {}).get("tasks") or {}).get(task.name) or {}

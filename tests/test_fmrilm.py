@@ -327,7 +327,7 @@ def test_replayed_exposure_is_what_training_showed_and_calibration_avoids_it(tra
     others."""
     import bids_fmrilm.training.evaluate_lm as ev
     import bids_fmrilm.training.lm as lm
-    from bids_fmrilm.model.calibration import UNSEEN
+    from bids_fmrilm.model.calibration import READOUT_ALONE, UNSEEN
     from bids_fmrilm.model.checkpoint import load_checkpoint
 
     root = trained["root"]
@@ -376,21 +376,41 @@ def test_replayed_exposure_is_what_training_showed_and_calibration_avoids_it(tra
     cal = ev.fit_answer_calibration(fm, tasks, data, train_idx, roi, readouts, max_runs=256, log=lambda m: None,
                                     exposed=exposed)
     fresh_fits = 0
+    read_site = data.sites[train_idx[0]]  # the only site whose runs the LLM read
     for name, c in cal.items():
         task = tasks[col[name]]
         answered = [i for i in train_idx if task.answer_for(data.phenotype[i], data.z[i]) in task.answers]
         if c["fitted_on"] == UNSEEN:
             fresh_fits += 1
-            assert c["n"] == len([i for i in answered if i != train_idx[0]])
             if c.get("evidence"):  # readout first, on every answered run; the LLM weighed in by grouped CV
+                # on the unseen answers of sites the LLM never read
+                assert c["n"] == len([i for i in answered if data.sites[i] != read_site])
                 assert c["parts"]["readout"]["n"] == len(answered) and sum(c["class_counts"]) == len(answered)
                 assert c["selection"]["chosen"] in {"checkpoint", *c["selection"]["cv_loss"]}
                 if c["selection"]["chosen"] == "checkpoint":
                     assert c["scale"] == pytest.approx(ev.READOUT_ONLY_SCALE)
                     assert c["weight"] == pytest.approx(c["parts"]["readout"]["weight"])
+            else:
+                assert c["n"] == len([i for i in answered if i != train_idx[0]])
+        elif c["fitted_on"] == READOUT_ALONE:  # too few answers of unread sites: the readout alone
+            assert c.get("evidence") and c["n"] == len(answered) and c["selection"]["chosen"] == "checkpoint"
         else:  # a single answer among the unseen runs: the fit falls back to all, and says so
             assert c["fitted_on"] == "training answers" and c["n"] == len(answered)
     assert fresh_fits >= 1 and any("selection" in c for c in cal.values())
+    # the LLM read a run of every training site: its unseen answers there cannot show how it does on
+    # a new site, so every task the readout scores keeps the readout alone, fitted on every answered run
+    for site in set(np.asarray(data.sites)[train_idx]):
+        exposed[train_idx[np.asarray(data.sites)[train_idx] == site][0]] = True
+    alone = ev.fit_answer_calibration(fm, tasks, data, train_idx, roi, readouts, max_runs=256, log=lambda m: None,
+                                      exposed=exposed)
+    scored = [n for n, c in alone.items() if c.get("evidence")]
+    assert scored
+    for name in scored:
+        c, task = alone[name], tasks[col[name]]
+        answered = [i for i in train_idx if task.answer_for(data.phenotype[i], data.z[i]) in task.answers]
+        assert c["fitted_on"] == READOUT_ALONE and c["n"] == len(answered) and c["refit"] is None
+        assert c["scale"] == pytest.approx(ev.READOUT_ONLY_SCALE) and c["weight"] == pytest.approx(c["parts"]["readout"]["weight"])
+        assert c["selection"]["chosen"] == "checkpoint" and "sites the LLM never read" in c["selection"]["reason"]
     # descriptor tasks carry the map of the readout's score to z units ("markedly" levels), fitted on
     # every training run (cross-fitted readouts)
     desc = [n for n in cal if tasks[col[n]].source.startswith("descriptor:")]
@@ -697,7 +717,7 @@ def test_group_level_few_shot_lora(trained, tmp_path):
     assert res.code == 64 and "--adapter needs" in res.stderr
 
 
-def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
+def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained, tmp_path):
     """LoRA gradients are non-zero and the adapter moves toward the training answers; the shot
     selection is nested over K and stays inside the training fold."""
     from bids_fmrilm.levels.fewshot import AdaptSettings, adapt, label_prompt, select_shots
@@ -735,9 +755,20 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained):
     assert len(m1.block(long).ids) == n and m1.block(long).feats.shape == (n, len(coords), c)
     assert p1.mean() > p0.mean() + 0.05
     assert info["objective"] == "answer text"  # a label the checkpoint has no calibration for
-    # a calibrated task (fused with the readout's own score) is trained through its calibration
+    # a calibrated task (fused with the readout's own score) is trained through its calibration. The
+    # tiny model's LLM read every training site, so its calibration reads the readout alone (the LLM's
+    # scale at its floor, where no step can move the answer); the mechanics are tested on a copy
+    # whose calibration lets the LLM's answer count
+    import shutil
+
+    from bids_fmrilm.model.checkpoint import set_calibration
+
     diag = label_prompt("diagnosis", "classification", ["ASD", "TD"], tasks)
     assert m0.fm.calibration["diagnosis"].get("evidence")
+    model = tmp_path / "fused"
+    shutil.copytree(trained["root"] / "ins" / "model", model)
+    set_calibration(model, {**m0.fm.calibration, "diagnosis": {**m0.fm.calibration["diagnosis"], "scale": 1.0}})
+    m0 = FMRILMModel.load(model, device="cpu", quantization="none")
     q0 = score_options(m0.fm, [m0.block(r) for r in runs], diag.task)[:, 1]
     m2, info2 = adapt(model, [(r, "control") for r in runs], diag,
                       AdaptSettings(steps=12, lr=3e-3, device="cpu", quantization="none"))

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bids_fmrilm.descriptors.text import drop_repeated_features, parse_levels, pending_level
+from bids_fmrilm.descriptors.text import (LEVELS as ALL_LEVELS, drop_contradicting_z, drop_repeated_features, level_of,
+                                          parse_levels, pending_level, z_within_level)
 from bids_fmrilm.model.llm import gguf_available
 from bids_fmrilm.model.tasks import SEX, descriptor_task
 
@@ -28,6 +29,55 @@ def test_pending_level_finds_the_level_slot_of_guided_features():
     # features that are not guided, and no text yet
     assert pending_level("Average between-network connectivity is", LEVELS) is None
     assert pending_level("", LEVELS) is None
+
+
+def test_a_guided_number_follows_its_level_and_never_contradicts_it():
+    numbers = {"fc_within.mean": 1.4}
+    head = "Summary. Average within-network connectivity is"
+    assert pending_level(head, LEVELS, numbers) == ("higher than average (z=1.4).", 0)
+    # the level written, its number not yet: the number (and the end of the sentence) still pending
+    assert pending_level(head + " higher than average", LEVELS, numbers) == ("higher than average (z=1.4).", 19)
+    assert pending_level(head + " higher than average (z=1", LEVELS, numbers) == ("higher than average (z=1.4).", 24)
+    assert pending_level(head + " higher than average (z=1.4)", LEVELS, numbers) == ("higher than average (z=1.4).", 27)
+    assert pending_level(head + " higher than average (z=1.4).", LEVELS, numbers) is None
+    assert pending_level(head + " higher than average (z=1.4). It", LEVELS, numbers) is None
+    # a feature without a number keeps the level-only phrase
+    assert pending_level("Modularity of the functional graph is typical", LEVELS, numbers) is None
+    # the stated number is the estimate moved into the stated level's range
+    assert z_within_level(-1.3, "markedly_lower") == -2.0 and z_within_level(-2.64, "markedly_lower") == -2.6
+    assert z_within_level(0.4, "lower") == -1.0 and z_within_level(-1.96, "lower") == -1.9
+    assert z_within_level(1.04, "typical") == 0.9 and z_within_level(-0.04, "typical") == 0.0
+    assert z_within_level(2.5, "higher") == 1.9 and z_within_level(1.5, "markedly_higher") == 2.0
+    for z in np.linspace(-4, 4, 161):
+        for level in ALL_LEVELS:
+            assert level_of(z_within_level(z, level)) == level, (z, level)
+    # a number the model wrote itself is dropped where it contradicts the level beside it
+    text = ("Average within-network connectivity is markedly lower than average (z=-1.3). Modularity of the "
+            "functional graph is typical (z=0.2). Global efficiency of the functional graph is higher than average (z=0.4).")
+    assert drop_contradicting_z(text) == ("Average within-network connectivity is markedly lower than average. Modularity "
+                                          "of the functional graph is typical (z=0.2). Global efficiency of the functional "
+                                          "graph is higher than average.")
+
+
+def test_description_numbers_state_the_level_maps_estimate_within_the_stated_level():
+    from bids_fmrilm.model.inference import description_levels, description_numbers
+
+    task = descriptor_task("fc_within.mean")
+    p = np.array([[0.45, 0.30, 0.25], [0.90, 0.05, 0.05], [0.02, 0.08, 0.90], [0.9, 0.05, 0.05]])
+    m = {"column": "z:fc_within.mean", "intercept": 0.3, "slope": 1.8, "residual_sd": 0.5, "r2": 0.9, "n": 400}
+    cal = {task.name: {"scale": 1.0, "bias": [0.0, 0.0, 0.0], "answers": list(task.answers),
+                       "class_counts": [10, 80, 10], "level_map": m}}
+    names = ["sex:M", "z:fc_within.mean"]
+    readouts = np.array([[0.0, 2.0], [0.0, -2.0], [0.0, 0.2], [0.0, 0.0]])  # estimates 3.9, -3.3, 0.66, 0.3
+    levels = description_levels([task], [p], cal, readouts, names)
+    assert [d["fc_within.mean"] for d in levels] == ["typical", "markedly_lower", "higher", "lower"]
+    numbers = description_numbers([SEX, task], levels, cal, readouts, names)
+    assert numbers == [{"fc_within.mean": v} for v in (0.9, -3.3, 1.0, -1.0)]
+    assert all(level_of(n["fc_within.mean"]) == d["fc_within.mean"] for n, d in zip(numbers, levels))
+    # no level map, or no readouts: no numbers (the model's own, checked by drop_contradicting_z)
+    plain = {task.name: {k: v for k, v in cal[task.name].items() if k != "level_map"}}
+    assert description_numbers([task], levels, plain, readouts, names) == [{}] * 4
+    assert description_numbers([task], levels, cal) == [{}] * 4
 
 
 def test_a_description_ends_where_it_starts_describing_a_feature_again():
@@ -88,7 +138,7 @@ def test_level_guide_forces_the_given_level_and_leaves_the_rest_to_the_model():
     guide = LevelGuide(tok, LEVELS)
     V = len(tok)
 
-    def greedy(prefix: str, favourite: str, steps: int) -> tuple[str, list[bool]]:
+    def greedy(prefix: str, favourite: str, steps: int, guide=guide) -> tuple[str, list[bool]]:
         """Decode ``steps`` tokens from a model that always prefers ``favourite``; which steps were forced."""
         ids = tok.encode(prefix, add_special_tokens=False)
         fav = tok.encode(favourite, add_special_tokens=False)[0]
@@ -107,6 +157,12 @@ def test_level_guide_forces_the_given_level_and_leaves_the_rest_to_the_model():
     assert parse_levels(text, ["fc_within.mean"]) == {"fc_within.mean": "higher"}
     n = sum(forced)
     assert n >= 1 and forced[:n] == [True] * n and not any(forced[n:])  # then the model's own choice again
+    # with a number: the level, then its z-score, then the model again
+    numbered = LevelGuide(tok, LEVELS, {"fc_within.mean": 1.6, "graph.modularity": 0.3})
+    text, forced = greedy(prefix, " typical", 16, numbered)
+    assert text.startswith(prefix + " higher than average (z=1.6). ")
+    n = sum(forced)
+    assert n >= 2 and forced[:n] == [True] * n and not any(forced[n:])
     # a level the model was going to state anyway is not touched
     text, forced = greedy("Modularity of the functional graph is", " typical", 2)
     assert not any(forced) and parse_levels(text, ["graph.modularity"]) == {"graph.modularity": "typical"}

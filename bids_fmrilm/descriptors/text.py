@@ -154,6 +154,28 @@ def verbal_level(z: float | None) -> str:
     return f"{LEVEL_PHRASES[level]} (z={zr:.1f})"
 
 
+_LEVEL_RANGES = {"markedly_lower": (-np.inf, -MARKED_Z), "lower": (round(0.1 - MARKED_Z, 1), -MILD_Z),
+                 "typical": (round(0.1 - MILD_Z, 1), round(MILD_Z - 0.1, 1)),
+                 "higher": (MILD_Z, round(MARKED_Z - 0.1, 1)), "markedly_higher": (MARKED_Z, np.inf)}
+
+
+def z_within_level(z: float, level: str) -> float:
+    """``z`` rounded to one decimal and moved to the nearest value :func:`level_of` reads as ``level``.
+
+    The number a description states beside a level chosen elsewhere: an estimate of the
+    z-score that disagrees with the stated level would contradict it in the same sentence.
+    """
+    lo, hi = _LEVEL_RANGES[level]
+    return float(np.clip(round(float(z), 1), lo, hi)) + 0.0
+
+
+def level_phrase(level: str, z: float | None = None) -> str:
+    """The phrase stating ``level``, with ``z`` as a description writes it when given:
+    ``level_phrase("lower", -1.4)`` is ``"lower than average (z=-1.4)"``."""
+    phrase = LEVEL_PHRASES[level]
+    return phrase if z is None else f"{phrase} (z={round(float(z), 1) + 0.0:.1f})"
+
+
 def network_name(network: str) -> str:
     """Human-readable network name (``"DefaultMode"`` -> ``"default mode"``)."""
     if network in NETWORK_NAMES:
@@ -241,6 +263,18 @@ _LEVEL_PATTERN = re.compile(
 _PHRASE_LEVELS = {v: k for k, v in LEVEL_PHRASES.items() if k != UNAVAILABLE}
 
 
+_STATED_Z = re.compile(_LEVEL_PATTERN.pattern + r" \(z=(-?\d+(?:\.\d+)?)\)")
+
+
+def drop_contradicting_z(text: str) -> str:
+    """``text`` without the ``(z=...)`` that follow a level phrase they contradict
+    (``"lower than average (z=0.4)"`` becomes ``"lower than average"``); consistent ones stay."""
+    def keep(m: re.Match) -> str:
+        return m.group(0) if level_of(float(m.group(2))) == _PHRASE_LEVELS[m.group(1)] else m.group(1)
+
+    return _STATED_Z.sub(keep, text)
+
+
 def parse_levels(text: str, keys) -> dict[str, str]:
     """Levels a (generated) description states for the given feature keys.
 
@@ -262,7 +296,8 @@ def parse_levels(text: str, keys) -> dict[str, str]:
     return out
 
 
-def pending_level(text: str, levels: Mapping[str, str]) -> tuple[str, int] | None:
+def pending_level(text: str, levels: Mapping[str, str], numbers: Mapping[str, float] | None = None
+                  ) -> tuple[str, int] | None:
     """The level phrase a description being written is about to state, for guided decoding.
 
     Parameters
@@ -271,6 +306,10 @@ def pending_level(text: str, levels: Mapping[str, str]) -> tuple[str, int] | Non
         The description so far.
     levels : mapping
         Feature key -> level (``"lower"``, ``"typical"``, ...) the description must state.
+    numbers : mapping, optional
+        Feature key -> the z-score to state after the level (:func:`level_phrase`), which then ends
+        the sentence as in every training description (else the model goes on to state a number
+        of its own); keys without one end the phrase at the level.
 
     Returns
     -------
@@ -287,15 +326,18 @@ def pending_level(text: str, levels: Mapping[str, str]) -> tuple[str, int] | Non
         subject = feature_subject(key).lower()
         i = sentence.rfind(subject)
         if i >= 0 and (best is None or (i + len(subject), len(subject)) > best[:2]):
-            best = (i + len(subject), len(subject), LEVEL_PHRASES[level])
+            z = (numbers or {}).get(key)
+            best = (i + len(subject), len(subject), level_phrase(level, z) + ("" if z is None else "."))
     if best is None:
         return None
     tail, phrase = sentence[best[0]:], best[2]
-    if _LEVEL_PATTERN.search(tail):
+    if phrase in tail:
         return None
-    for j in range(len(phrase) - 1, 0, -1):
+    for j in range(len(phrase) - 1, 0, -1):  # part of the phrase written (the level, not yet its number)
         if tail.endswith(phrase[:j]) and (len(tail) == j or tail[-j - 1] in " :("):
             return phrase, j
+    if _LEVEL_PATTERN.search(tail):
+        return None
     return phrase, 0
 
 

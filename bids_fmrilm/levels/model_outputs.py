@@ -31,7 +31,8 @@ from ..errors import BidsAppError, DataError, ExitCode, MissingInputError, Usage
 log = logging.getLogger("bids_fmrilm")
 
 SAMPLING = {"strategy": "greedy", "max_new_tokens": 96,
-            "levels": "guided: the descriptor levels of the zero-shot predictions (LevelGuide)"}
+            "levels": "guided: the descriptor levels of the zero-shot predictions (LevelGuide)",
+            "numbers": "the level map's z estimate within the stated level's range; a contradicting one is dropped"}
 
 
 def model_kind(spec: str | os.PathLike) -> str:
@@ -188,8 +189,9 @@ def compute_fmrilm(model: LoadedModel, item: dict[str, Any]) -> None:
     probas = score_tasks(api.fm, [blk], tasks)  # one pass for every task
     item["predictions"] = {name: p[0] for name, p in zip(api.tasks, probas)}
     # the description states the descriptor levels the predictions give (guided decoding)
-    levels = model_levels(api.fm, tasks, probas, [blk])
-    item["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"], levels=levels)[0]
+    levels, numbers = model_levels(api.fm, tasks, probas, [blk])
+    item["text"] = generate_descriptions(api.fm, [blk], max_new_tokens=SAMPLING["max_new_tokens"], levels=levels,
+                                         numbers=numbers)[0]
     if model.adapter_task is not None:
         key, task = model.adapter_task
         api.fm.llm.set_adapter("label")

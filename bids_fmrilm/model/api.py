@@ -148,17 +148,19 @@ class FMRILMModel:
 
         With ``guided`` the levels it states for descriptors are those of the model's own
         (calibrated) answers to the descriptor questions (:func:`~.inference.description_levels`),
-        as in the participant level's outputs; ``guided=False`` is the unconstrained text.
+        each followed by its level map's z estimate within that level's range
+        (:func:`~.inference.description_numbers`), as in the participant level's outputs;
+        ``guided=False`` is the unconstrained text.
         """
         from .inference import generate_descriptions, model_levels, score_tasks
 
         blk = [self.block(self.prepare(run))]
-        levels = None
+        levels = numbers = None
         if guided:
             tasks = [t for t in self.tasks.values() if t.source.startswith("descriptor:")]
             if tasks:
-                levels = model_levels(self.fm, tasks, score_tasks(self.fm, blk, tasks), blk)
-        return generate_descriptions(self.fm, blk, max_new_tokens, levels=levels)[0]
+                levels, numbers = model_levels(self.fm, tasks, score_tasks(self.fm, blk, tasks), blk)
+        return generate_descriptions(self.fm, blk, max_new_tokens, levels=levels, numbers=numbers)[0]
 
     def predict(self, run: Any, task: str | Task | None = None) -> dict[str, Any]:
         """Probabilities of each allowed answer: ``{answer: p}`` for one task, or

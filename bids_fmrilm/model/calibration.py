@@ -333,6 +333,10 @@ def _offset(calibration: Mapping, n_runs: int, evidence: np.ndarray | None = Non
 UNSEEN = "training answers the LLM never saw"
 """A calibration's ``fitted_on`` when it was fitted on answers training never showed the LLM."""
 
+READOUT_ALONE = "the readout's score alone, every answered training run (cross-fitted by site)"
+"""A calibration's ``fitted_on`` when it reads the readout's score alone: no site the LLM never
+read had enough unseen answers to weigh the LLM's answer in honestly."""
+
 LEVEL_MAP_MIN_RUNS = 20
 """Fewest training runs with a score and a z-score for a :func:`fit_level_map`."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .calibration import UNSEEN
+from .calibration import READOUT_ALONE, UNSEEN
 
 
 def _fmt(v: Any) -> str:
@@ -98,13 +98,18 @@ def model_card(meta: dict[str, Any]) -> str:
                   f"({max(c.get('n', 0) for c in cal.values())} runs at most"
                   + (f"; {sum(c.get('fitted_on') == UNSEEN for c in cal.values())} of {len(cal)} tasks on answers "
                      "training never showed the LLM, replayed from the training record"
-                     if any("fitted_on" in c for c in cal.values()) else "") + ")"
+                     if any("fitted_on" in c for c in cal.values()) else "")
+                  + (f"; {n_alone} on the readout's score alone, cross-fitted by site: the LLM read every "
+                     "training site, so its unseen answers cannot show how it does on a new one"
+                     if (n_alone := sum(c.get("fitted_on") == READOUT_ALONE for c in cal.values())) else "") + ")"
                   + (", fused with the run readout's own score of the task (late fusion, one fitted weight; the "
                      "held-out rows show the LLM alone and the readout score alone)"
-                     if any(c.get("weight") for c in cal.values()) else "") + ": "
+                     if any(c.get("weight") and c.get("fitted_on") != READOUT_ALONE for c in cal.values()) else "")
+                  + ": "
                   + "; ".join(f"{n} scale {c['scale']:.2f}" + (f", readout weight {c['weight']:+.2f}" if c.get("weight")
                                                                  else "")
-                              + (" (readout alone: the unseen answers did not support the LLM's)"
+                              + (" (readout alone: " + ((c.get("selection") or {}).get("reason")
+                                                         or "the unseen answers did not support the LLM's") + ")"
                                  if (c.get("selection") or {}).get("chosen") == "checkpoint" else "")
                               for n, c in sorted(cal.items())) + "."]
     lines += ["", "## Held-out metrics (site-disjoint)", ""]

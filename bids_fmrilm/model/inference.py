@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from ..descriptors.text import LEVEL_PHRASES, drop_repeated_features, pending_level
+from ..descriptors.text import LEVEL_PHRASES, drop_contradicting_z, drop_repeated_features, pending_level
 from .calibration import apply_calibration
 from .fmrilm import FMRILM, FMRIBlock
 from .tasks import TEXT, Task, describe_segments, few_shot_segments, multi_instruction_segments
@@ -122,14 +122,18 @@ def embed_blocks(fm: FMRILM, blocks: Sequence[FMRIBlock], batch_size: int = 16) 
 
 @torch.no_grad()
 def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_tokens: int = 64,
-                          levels: Sequence[dict[str, str]] | None = None) -> list[str]:
+                          levels: Sequence[dict[str, str]] | None = None,
+                          numbers: Sequence[dict[str, float]] | None = None) -> list[str]:
     """Greedy descriptions after ``<fmri>...</fmri> Description:`` (one run at a time).
 
     With ``levels`` (one ``{feature key: level}`` per block, e.g. from :func:`description_levels`)
     decoding is guided: wherever the model starts to state the level of one of those features,
-    the level phrase is the given one (:class:`LevelGuide`); everything else, including which
-    features it describes and the text after the level, is the model's own greedy choice. A guided
-    description ends before a sentence that describes a feature a second time
+    the level phrase is the given one (:class:`LevelGuide`), followed by the z-score of ``numbers``
+    (one ``{feature key: z}`` per block, :func:`description_numbers`) where it has one; everything
+    else, including which features it describes and the text after the level, is the model's own
+    greedy choice. In a guided description a number the model wrote itself is dropped where it
+    contradicts the level (:func:`~bids_fmrilm.descriptors.text.drop_contradicting_z`), and the
+    text ends before a sentence that describes a feature a second time
     (:func:`~bids_fmrilm.descriptors.text.drop_repeated_features`).
     """
     fm.eval()
@@ -137,13 +141,15 @@ def generate_descriptions(fm: FMRILM, blocks: Sequence[FMRIBlock], max_new_token
     tok = fm.text_tokenizer
     for i in range(len(blocks)):
         built = fm.build([describe_segments(i)], list(blocks))
-        guide = LogitsProcessorList([LevelGuide(tok, levels[i])]) if levels is not None and levels[i] else None
+        guide = None
+        if levels is not None and levels[i]:
+            guide = LogitsProcessorList([LevelGuide(tok, levels[i], numbers[i] if numbers is not None else None)])
         with fm.conditioned(built):
             ids = fm.llm.generate(inputs_embeds=built["embeds"], attention_mask=built["mask"],
                                   max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
                                   eos_token_id=tok.eos_token_id, logits_processor=guide)
         text = tok.decode(ids[0], skip_special_tokens=True).strip()
-        texts.append(drop_repeated_features(text, levels[i]) if guide is not None else text)
+        texts.append(drop_contradicting_z(drop_repeated_features(text, levels[i])) if guide is not None else text)
     return texts
 
 
@@ -156,16 +162,17 @@ class LevelGuide(LogitsProcessor):
     At each step the text so far is checked with
     :func:`~bids_fmrilm.descriptors.text.pending_level`: once a sentence names a guided feature
     and the model's next token would begin a level word, the target level phrase is forced token
-    by token instead. The model keeps choosing the sentence, the features and what follows.
+    by token instead, with its z-score where ``numbers`` gives one (``"lower than average
+    (z=-1.4)"``). The model keeps choosing the sentence, the features and what follows.
     One sequence at a time (``generate_descriptions`` decodes runs one by one).
     """
 
-    def __init__(self, tokenizer, levels: dict[str, str]):
-        self.tokenizer, self.levels = tokenizer, dict(levels)
+    def __init__(self, tokenizer, levels: dict[str, str], numbers: dict[str, float] | None = None):
+        self.tokenizer, self.levels, self.numbers = tokenizer, dict(levels), dict(numbers or {})
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         text = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
-        pending = pending_level(text, self.levels)
+        pending = pending_level(text, self.levels, self.numbers)
         if pending is None:
             return scores
         phrase, begun = pending
@@ -224,12 +231,39 @@ def description_levels(tasks: Sequence[Task], probas: Sequence[np.ndarray], cali
     return out
 
 
+def description_numbers(tasks: Sequence[Task], levels: Sequence[dict[str, str]], calibration: dict | None = None,
+                        readouts: np.ndarray | None = None, readout_names: Sequence[str] | None = None
+                        ) -> list[dict[str, float]]:
+    """Per run, the z-score a description states beside each level of ``levels``
+    (:func:`description_levels`): the calibration's ``level_map`` estimate
+    (:func:`~bids_fmrilm.model.calibration.level_z`) moved into the stated level's range
+    (:func:`~bids_fmrilm.descriptors.text.z_within_level`), so that "markedly lower" is never
+    followed by z=-1.3. A feature without a level map gets no number."""
+    from ..descriptors.text import z_within_level
+    from .calibration import applies, level_z
+
+    out: list[dict[str, float]] = [{} for _ in levels]
+    for task in tasks:
+        kind, _, key = task.source.partition(":")
+        cal = (calibration or {}).get(task.name)
+        if kind != "descriptor" or not applies(cal, task.answers):
+            continue
+        z = level_z(cal, readouts, readout_names)
+        if z is None:
+            continue
+        for r, run in enumerate(levels):
+            if key in run and np.isfinite(z[r]):
+                out[r][key] = z_within_level(z[r], run[key])
+    return out
+
+
 def model_levels(fm: FMRILM, tasks: Sequence[Task], probas: Sequence[np.ndarray], blocks: Sequence[FMRIBlock]
-                 ) -> list[dict[str, str]]:
-    """:func:`description_levels` of ``blocks`` scored by ``fm``: its calibration, the blocks'
-    readouts and the readout's value names."""
-    return description_levels(tasks, probas, getattr(fm, "calibration", None), block_readouts(blocks),
-                              getattr(fm.readout, "names", None))
+                 ) -> tuple[list[dict[str, str]], list[dict[str, float]]]:
+    """:func:`description_levels` and :func:`description_numbers` of ``blocks`` scored by ``fm``:
+    its calibration, the blocks' readouts and the readout's value names."""
+    cal, readouts, names = getattr(fm, "calibration", None), block_readouts(blocks), getattr(fm.readout, "names", None)
+    levels = description_levels(tasks, probas, cal, readouts, names)
+    return levels, description_numbers(tasks, levels, cal, readouts, names)
 
 
 @torch.no_grad()

@@ -85,19 +85,26 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
     confidence: it weighs the LLM's answer above the readout's score (whose training-run values
     are cross-fitted, so honest) and loses to the readout alone on sites the model never saw.
     A task the readout scores starts from the readout alone, calibrated on every answered run of
-    ``idx``; the LLM's answer then gets weight only where participant-grouped cross-validation on
-    the unseen answers prefers a fit pulled towards that start
-    (:func:`~bids_fmrilm.model.calibration.refit_calibration`, recorded as ``selection``).
+    ``idx``. The readout's training-run scores are cross-fitted leave-one-site-out, so they show
+    how it does on a site it never saw; the LLM's answers of a site it trained on do not (an answer
+    it never saw still comes from a site, a scanner and often a run it read). The LLM's answer
+    therefore gets weight only from the unseen answers of sites whose runs training never showed
+    the LLM at all, and only where participant-grouped cross-validation on them prefers a fit
+    pulled towards the readout-alone start
+    (:func:`~bids_fmrilm.model.calibration.refit_calibration`, recorded as ``selection``); with
+    fewer than :data:`MIN_UNSEEN` such answers the readout alone is kept (``selection`` says why).
     Without ``exposed`` a seeded random subset of ``idx`` is scored and every task is fitted on
     its answers jointly.
     """
-    from ..model.calibration import (UNSEEN, evidence_matrix, fit_calibration, fit_level_map, refit_calibration,
-                                     task_evidence)
+    from ..model.calibration import (READOUT_ALONE, UNSEEN, evidence_matrix, fit_calibration, fit_level_map,
+                                     refit_calibration, task_evidence)
     from ..model.inference import score_tasks
     from .lm import make_block
 
     names = fm.readout.names if readouts is not None and getattr(fm, "readout", None) is not None else None
     idx = all_idx = np.asarray(idx)
+    sites = np.asarray(data.sites)
+    read_sites = set() if exposed is None else set(sites[exposed.any(1)].tolist())
     rng = np.random.default_rng(seed)
     if exposed is not None and (~exposed[idx]).any():
         unseen = (~exposed[idx]).sum(1)
@@ -117,28 +124,37 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
         y = answer_index(idx)
         keep = y >= 0
         fitted_on = "training answers"
+        spec = task_evidence(task, names) if names is not None else None
         if exposed is not None:
             fresh = keep & ~exposed[idx, k]
             if fresh.sum() >= MIN_UNSEEN and len(np.unique(y[fresh])) >= 2:
                 keep, fitted_on = fresh, UNSEEN
-            else:
+            elif spec is None:
                 log(f"calibration {task.name}: only {int(fresh.sum())} answers the LLM never saw; "
                     "fitted on answers it trained on")
         if keep.sum() < 4 or len(np.unique(y[keep])) < 2:
             continue
-        spec = task_evidence(task, names) if names is not None else None
         ev = None if spec is None else evidence_matrix(spec, readouts[idx[keep]], names)
-        if spec is not None and fitted_on == UNSEEN:
-            # the readout alone on every answered training run (cross-fitted, so honest), then the
-            # LLM's answer weighed in only as far as the answers it never saw bear out
+        if spec is not None and exposed is not None:
+            # the readout alone on every answered training run (cross-fitted by site, so honest), then
+            # the LLM's answer weighed in only as far as unseen answers of unread sites bear out
             y_all = answer_index(all_idx)
             rows = all_idx[y_all >= 0]
             alone = fit_calibration(_flat(len(rows), proba.shape[1]), y_all[y_all >= 0], task.answers,
                                     evidence=evidence_matrix(spec, readouts[rows], names), evidence_spec=spec)
-            groups = [str(data.keys[i][0]) for i in idx[keep]]  # participants
-            c, report = refit_calibration(proba[keep], y[keep], groups, {**alone, "scale": READOUT_ONLY_SCALE},
-                                          evidence=ev, seed=seed)
-            c.update(n=int(keep.sum()), class_counts=alone["class_counts"], selection=report)
+            start = {**alone, "scale": READOUT_ONLY_SCALE}
+            fair = (y >= 0) & ~np.isin(sites[idx], list(read_sites))  # every answer of such a site is unseen
+            if fair.sum() >= MIN_UNSEEN and len(np.unique(y[fair])) >= 2:
+                groups = [str(data.keys[i][0]) for i in idx[fair]]  # participants
+                c, report = refit_calibration(proba[fair], y[fair], groups, start, seed=seed,
+                                              evidence=evidence_matrix(spec, readouts[idx[fair]], names))
+                c["n"], fitted_on = int(fair.sum()), UNSEEN
+            else:
+                c = {**start, "refit": None, "n": len(rows)}
+                report = {"cv_loss": {}, "chosen": "checkpoint", "folds": 0,
+                          "reason": f"{int(fair.sum())} unseen answers from sites the LLM never read"}
+                fitted_on = READOUT_ALONE
+            c.update(class_counts=alone["class_counts"], selection=report)
         else:
             c = fit_calibration(proba[keep], y[keep], task.answers, evidence=ev, evidence_spec=spec)
             alone = None if spec is None else fit_calibration(_flat(int(keep.sum()), proba.shape[1]), y[keep],
@@ -156,9 +172,10 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
         chosen = (c.get("selection") or {}).get("chosen")
         log(f"calibration {task.name}: scale {c['scale']:.2f}, bias {', '.join(f'{b:+.2f}' for b in c['bias'])}"
             + (f", readout weight {c['weight']:+.2f} ({', '.join(spec['columns'])})" if spec else "")
-            + f" ({int(keep.sum())} {fitted_on}"
+            + f" ({int(c.get('n', keep.sum()))} runs: {fitted_on}"
             + ("" if chosen is None else "; readout alone kept" if chosen == "checkpoint"
-               else f"; LLM weighed in, ridge {chosen}") + ")")
+               else f"; LLM weighed in, ridge {chosen}")
+            + (f", {c['selection']['reason']}" if (c.get("selection") or {}).get("reason") else "") + ")")
     return out
 
 
@@ -253,18 +270,20 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
     # the participant level writes them) and unguided (what the LLM states by itself)
     if n_describe > 0:
         from ..model.gates import repeated_sentences
-        from ..model.inference import description_levels
+        from ..model.inference import description_levels, description_numbers
 
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(test_idx), size=min(n_describe, len(test_idx)), replace=False)
-        levels = description_levels(tasks, [proba_all[t.name][pick] for t in tasks], calibration,
-                                    None if readouts is None else readouts[test_idx[pick]], names)
+        picked = None if readouts is None else readouts[test_idx[pick]]
+        levels = description_levels(tasks, [proba_all[t.name][pick] for t in tasks], calibration, picked, names)
+        numbers = description_numbers(tasks, levels, calibration, picked, names)
         keys = sorted({k for i in test_idx for k in data.z[i]})
         others = [int(test_idx[(k + 1 + int(rng.integers(len(test_idx) - 1))) % len(test_idx)]) for k in pick]
         runs = [int(test_idx[k]) for k in pick]
         found = {}
         for mode, lv in (("guided", levels), ("unguided", None)):
-            texts = generate_descriptions(fm, [blocks[k] for k in pick], max_new_tokens=cfg.max_text_tokens, levels=lv)
+            texts = generate_descriptions(fm, [blocks[k] for k in pick], max_new_tokens=cfg.max_text_tokens, levels=lv,
+                                          numbers=numbers)
             found[mode] = {**_level_agreement(texts, runs, others, data.z, keys),
                            "runs_with_repeated_sentences": int(sum(repeated_sentences(t) > 0 for t in texts)),
                            "examples": texts[:3]}

@@ -162,8 +162,9 @@ class LevelGuide(LogitsProcessor):
     At each step the text so far is checked with
     :func:`~bids_fmrilm.descriptors.text.pending_level`: once a sentence names a guided feature
     and the model's next token would begin a level word, the target level phrase is forced token
-    by token instead, with its z-score where ``numbers`` gives one (``"lower than average
-    (z=-1.4)"``). The model keeps choosing the sentence, the features and what follows.
+    by token instead, with its z-score and the sentence's full stop where ``numbers`` gives one
+    (``"lower than average (z=-1.4)."``). The model keeps choosing the sentence, the features and
+    what follows.
     One sequence at a time (``generate_descriptions`` decodes runs one by one).
     """
 

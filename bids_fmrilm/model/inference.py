@@ -196,6 +196,21 @@ class LevelGuide(LogitsProcessor):
         return out
 
 
+def _descriptor_calibration(task: Task, calibration: dict | None, readouts: np.ndarray | None,
+                            readout_names: Sequence[str] | None) -> tuple[str | None, dict | None, np.ndarray | None]:
+    """(feature key, the task's calibration where it applies, its level map's z estimates) of a
+    descriptor task; the key is None for any other task, the rest None where missing."""
+    from .calibration import applies, level_z
+
+    kind, _, key = task.source.partition(":")
+    if kind != "descriptor":
+        return None, None, None
+    cal = (calibration or {}).get(task.name)
+    if not applies(cal, task.answers):
+        return key, None, None
+    return key, cal, level_z(cal, readouts, readout_names)
+
+
 def description_levels(tasks: Sequence[Task], probas: Sequence[np.ndarray], calibration: dict | None = None,
                        readouts: np.ndarray | None = None, readout_names: Sequence[str] | None = None
                        ) -> list[dict[str, str]]:
@@ -211,19 +226,15 @@ def description_levels(tasks: Sequence[Task], probas: Sequence[np.ndarray], cali
     :data:`~bids_fmrilm.descriptors.text.MARKED_Z` on the same side.
     """
     from ..descriptors.text import MARKED_Z
-    from .calibration import applies, level_z
 
     n = len(probas[0]) if len(probas) else 0
     out: list[dict[str, str]] = [{} for _ in range(n)]
     for task, p in zip(tasks, probas):
-        kind, _, key = task.source.partition(":")
-        if kind != "descriptor" or list(task.answers) != ["lower", "typical", "higher"]:
+        key, cal, z = _descriptor_calibration(task, calibration, readouts, readout_names)
+        if key is None or list(task.answers) != ["lower", "typical", "higher"]:
             continue
-        cal = (calibration or {}).get(task.name)
-        fits = applies(cal, task.answers)
-        prior = np.asarray(cal["class_counts"], np.float64) + 1.0 if fits and cal.get("class_counts") \
+        prior = np.asarray(cal["class_counts"], np.float64) + 1.0 if cal and cal.get("class_counts") \
             else np.ones(len(task.answers))
-        z = level_z(cal, readouts, readout_names) if fits else None
         for r, a in enumerate((np.asarray(p) * prior).argmax(1)):
             level = task.answers[int(a)]
             if z is not None and abs(z[r]) >= MARKED_Z and level == ("higher" if z[r] > 0 else "lower"):
@@ -241,15 +252,10 @@ def description_numbers(tasks: Sequence[Task], levels: Sequence[dict[str, str]],
     (:func:`~bids_fmrilm.descriptors.text.z_within_level`), so that "markedly lower" is never
     followed by z=-1.3. A feature without a level map gets no number."""
     from ..descriptors.text import z_within_level
-    from .calibration import applies, level_z
 
     out: list[dict[str, float]] = [{} for _ in levels]
     for task in tasks:
-        kind, _, key = task.source.partition(":")
-        cal = (calibration or {}).get(task.name)
-        if kind != "descriptor" or not applies(cal, task.answers):
-            continue
-        z = level_z(cal, readouts, readout_names)
+        key, _, z = _descriptor_calibration(task, calibration, readouts, readout_names)
         if z is None:
             continue
         for r, run in enumerate(levels):

@@ -134,7 +134,6 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
                     "fitted on answers it trained on")
         if keep.sum() < 4 or len(np.unique(y[keep])) < 2:
             continue
-        ev = None if spec is None else evidence_matrix(spec, readouts[idx[keep]], names)
         if spec is not None and exposed is not None:
             # the readout alone on every answered training run (cross-fitted by site, so honest), then
             # the LLM's answer weighed in only as far as unseen answers of unread sites bear out
@@ -156,6 +155,7 @@ def fit_answer_calibration(fm, tasks: Sequence[Task], data, idx: np.ndarray, roi
                 fitted_on = READOUT_ALONE
             c.update(class_counts=alone["class_counts"], selection=report)
         else:
+            ev = None if spec is None else evidence_matrix(spec, readouts[idx[keep]], names)
             c = fit_calibration(proba[keep], y[keep], task.answers, evidence=ev, evidence_spec=spec)
             alone = None if spec is None else fit_calibration(_flat(int(keep.sum()), proba.shape[1]), y[keep],
                                                               task.answers, evidence=ev, evidence_spec=spec)
@@ -281,9 +281,9 @@ def evaluate_heldout(fm, tok, tasks: Sequence[Task], data, train_idx: np.ndarray
         others = [int(test_idx[(k + 1 + int(rng.integers(len(test_idx) - 1))) % len(test_idx)]) for k in pick]
         runs = [int(test_idx[k]) for k in pick]
         found = {}
-        for mode, lv in (("guided", levels), ("unguided", None)):
+        for mode, lv, nums in (("guided", levels, numbers), ("unguided", None, None)):
             texts = generate_descriptions(fm, [blocks[k] for k in pick], max_new_tokens=cfg.max_text_tokens, levels=lv,
-                                          numbers=numbers)
+                                          numbers=nums)
             found[mode] = {**_level_agreement(texts, runs, others, data.z, keys),
                            "runs_with_repeated_sentences": int(sum(repeated_sentences(t) > 0 for t in texts)),
                            "examples": texts[:3]}

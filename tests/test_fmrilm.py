@@ -204,6 +204,48 @@ def test_answer_calibration_travels_with_the_checkpoint_and_evaluate_refits_it(t
     assert all(q[n] == pytest.approx(p[n], abs=1e-4) for n in p)
 
 
+def test_evaluate_refits_the_readout_keeping_the_components_the_llm_reads(trained, tmp_path):
+    """``fmrilm evaluate --refit-readout``: the readout of a checkpoint whose run vectors were
+    shorter (fewer signal statistics) is fitted again on every feature, its principal components
+    kept; the checkpoint loads, its id changes and its calibration is fitted again. The refitted
+    readout, re-derived from the same runs, equals the checkpoint's (no warning)."""
+    from bids_fmrilm.model import FMRILMModel
+    from bids_fmrilm.model.checkpoint import load_checkpoint
+    from bids_fmrilm.model.readout import Readout
+    from bids_fmrilm.training import lm
+
+    copy = tmp_path / "model"
+    shutil.copytree(trained["root"] / "ins" / "model", copy)
+    old = Readout.load(copy)
+    F, R, k = old.n_features, len(old.ref_coords), sum(n.startswith("pc") for n in old.names)
+    # an older readout: one statistic fewer per region, fitted without the feature choice
+    short = Readout(old.ref_coords.numpy(), F - 1, old.names, {"n_train_runs": 1})
+    short.weight.copy_(old.weight.reshape(R, F, -1)[:, : F - 1].reshape(R * (F - 1), -1))
+    short.bias.copy_(old.bias)
+    from bids_fmrilm.model.checkpoint import set_readout
+
+    set_readout(copy, short)
+    before = json.loads((copy / "fmrilm.json").read_text())
+    assert "calibration" not in before and FMRILMModel.load(copy, device="cpu").fm.readout.n_features == F - 1
+    logs = []
+    lm.evaluate_checkpoint(copy, trained["corpus"], trained["root"] / "data", refit_readout=True, n_describe=0,
+                           device="cpu", quantization="none", log=logs.append)
+    after = json.loads((copy / "fmrilm.json").read_text())
+    assert after["calibration"] and after["id"] != before["id"] and after["metrics"]["instruct"]["n_heldout_runs"] == 3
+    assert after["readout"]["components_from"]["n_features"] == F - 1 and set(after["readout"]["features"]) <= set(old.names)
+    fm, tok, tasks, meta = load_checkpoint(copy, device="cpu", quantization="none")  # hashes verified
+    new = fm.readout
+    assert new.n_features == F and new.names == old.names
+    np.testing.assert_allclose(new.weight.reshape(R, F, -1)[:, : F - 1, :k].numpy(),
+                               short.weight.reshape(R, F - 1, -1)[:, :, :k].numpy(), rtol=1e-4, atol=1e-6)
+    assert not new.weight.reshape(R, F, -1)[:, F - 1, :k].any()
+    data = lm.prepare_data(trained["corpus"], trained["root"] / "data", tok, log=lambda m: None)
+    _, test_idx = lm.split_sites(data, meta["training"]["heldout_sites"])
+    logs.clear()
+    lm.checkpoint_readouts(data, test_idx, fm.cfg, 0, logs.append, new)
+    assert not any("differs" in m for m in logs)
+
+
 def test_heldout_task_metrics_are_the_group_levels():
     """Held-out evaluation and the group level score with one function (scikit-learn's values)."""
     from sklearn.metrics import balanced_accuracy_score, roc_auc_score

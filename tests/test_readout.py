@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from bids_fmrilm.model.readout import (BANDS_HZ, SIGNAL_STATS, Readout, Target, _affine, default_targets, fit_readout,
-                                      run_vector, signal_statistics, to_reference)
+                                      modularity_shares, run_vector, signal_statistics,
+                                      to_reference)
 from bids_fmrilm.model.tasks import DIAGNOSIS, SEX, default_tasks
 
 
@@ -78,6 +79,33 @@ def test_signal_statistics_measure_spectrum_autocorrelation_and_connectivity():
     np.testing.assert_allclose(full[:, nb + 5], [nx.clustering(g, i) for i in range(10)], atol=1e-6)
     v = run_vector(np.zeros((1, 4, 2), np.float32), None, np.zeros(4), x, 2.0)
     np.testing.assert_array_equal(v[:, 3:], st)
+
+
+def test_modularity_shares_sum_to_the_descriptors_modularity():
+    from bids_fmrilm.descriptors.features import _graph_features
+
+    rng = np.random.default_rng(3)
+    T, R = 240, 30
+    communities = np.repeat(np.arange(3), 10)
+    latent = rng.standard_normal((T, 3))
+    for weak in (0.6, 1.5):  # clear and blurred communities: different modularities, both matched
+        y = latent[:, communities] + weak * rng.standard_normal((T, R))
+        shares = signal_statistics(y, 2.0)[:, -1]
+        want = _graph_features(np.corrcoef(y.T))["graph.modularity"]
+        assert want > 0.05
+        np.testing.assert_allclose(shares.sum(), want, atol=1e-6)
+        # a community's members add to it (a region left without edges in the sparse graph adds 0)
+        assert (shares[communities == 0] >= 0).all() and shares[communities == 0].sum() > 0.05
+    assert not modularity_shares(np.zeros((4, 4))).any()  # no edges: no modularity
+
+
+def test_an_older_readout_reads_the_leading_features_of_a_longer_run_vector():
+    R, names = 3, ["a", "b"]
+    ro = Readout(np.zeros((R, 3)), 4, names)
+    ro.weight.copy_(torch.arange(R * 4 * 2, dtype=torch.float32).reshape(R * 4, 2))
+    vec = np.random.default_rng(0).standard_normal((R, 4)).astype(np.float32)
+    longer = np.concatenate([vec, np.full((R, 2), 99.0, np.float32)], axis=1)
+    np.testing.assert_allclose(ro.vector(longer, np.zeros((R, 3))), ro.vector(vec, np.zeros((R, 3))))
 
 
 def _synthetic(n_sites=4, per_site=40, R=10, c=3, seed=0):
@@ -240,3 +268,46 @@ def test_readout_adapter_starts_neutral_learns_and_conditions_only_what_follows_
         fm.projector.adapter[0].weight.zero_()
         fm.projector.adapter[0].bias.copy_(1e3 * fm.llm.lm_head.weight[male])
         assert generate_descriptions(fm, blocks[:1], max_new_tokens=4) == ["male male male male"] != text0
+
+
+def test_each_score_reads_every_feature_or_the_signal_statistics_whichever_generalises_across_sites():
+    """A descriptor made of the signal statistics is fitted on them alone (the encoder's many
+    noise columns left out); a label carried by the encoder features keeps every feature. An
+    earlier readout's principal components can be kept while the scores are refitted on more
+    features (the LLM learned to read those components)."""
+    rng = np.random.default_rng(0)
+    R, c, n_sites, per_site = 12, 40, 4, 50
+    F = c + 1 + SIGNAL_STATS
+    vecs, sites, pheno, z = [], [], [], []
+    for s in range(n_sites):
+        for _ in range(per_site):
+            v = rng.standard_normal((R, F)).astype(np.float32)
+            vecs.append(v)
+            sites.append(f"S{s}")
+            pheno.append({"diagnosis": "TD" if v[0, 0] + v[1, 0] + 0.3 * rng.standard_normal() > 0 else "ASD"})
+            z.append({"graph.modularity": float(v[:, -1].sum() / np.sqrt(R) + 0.1 * rng.standard_normal())})
+    targets = [Target("diagnosis:TD", "class", "phenotype:diagnosis", "TD"),
+               Target("z:graph.modularity", "value", "descriptor:graph.modularity")]
+    coords = rng.uniform(-60, 60, (R, 3))
+    fit = fit_readout(vecs, coords, sites, pheno, z, targets, n_components=3, log=lambda m: None)
+    ro = fit.readout
+    assert ro.info["features"] == {"diagnosis:TD": "all", "z:graph.modularity": "signal"}
+    W = ro.weight.numpy().reshape(R, F, -1)
+    assert not W[:, : c, 3 + 1].any() and W[:, -1, 3 + 1].min() > 0  # modularity: no encoder weight
+    assert np.abs(W[:, 0, 3]).max() > 0  # diagnosis reads the encoder's first feature
+    assert ro.info["crossfit"]["z:graph.modularity"]["r2"] > 0.8
+    off = fit_readout(vecs, coords, sites, pheno, z, targets, n_components=3, log=lambda m: None,
+                      select_features=False)
+    assert set(off.readout.info["features"].values()) == {"all"}
+    assert off.readout.info["crossfit"]["z:graph.modularity"]["r2"] < ro.info["crossfit"]["z:graph.modularity"]["r2"]
+    # scores refitted on one more feature per region, the components kept
+    longer = [np.concatenate([v, rng.standard_normal((R, 1)).astype(np.float32)], axis=1) for v in vecs]
+    kept = fit_readout(longer, coords, sites, pheno, z, targets, log=lambda m: None, components=ro)
+    assert kept.readout.n_features == F + 1 and kept.readout.names == ro.names
+    Wk = kept.readout.weight.numpy().reshape(R, F + 1, -1)
+    np.testing.assert_allclose(Wk[:, :F, :3], W[:, :, :3], rtol=1e-4, atol=1e-6)
+    assert not Wk[:, F, :3].any()
+    np.testing.assert_allclose(kept.crossfit[:, :3], fit.crossfit[:, :3], atol=1e-4)
+    assert kept.readout.info["components_from"]["n_features"] == F
+    with pytest.raises(ValueError, match="features per region"):
+        fit_readout([v[:, :-1] for v in vecs], coords, sites, pheno, z, targets, log=lambda m: None, components=ro)

@@ -90,6 +90,15 @@ def model_card(meta: dict[str, Any]) -> str:
                   f"fitted on {ro.get('n_train_runs')} training runs of {ro.get('n_sites')} sites and frozen "
                   "(model/readout.py). Leave-one-site-out figures of the scores on the training sites: "
                   + ("; ".join(shown) if shown else "n/a") + "."]
+        alone = sorted(n for n, v in (ro.get("features") or {}).items() if v == "signal")
+        if len(ro.get("feature_sets") or {}) > 1:
+            lines.append(f"Each score reads every feature or the signal statistics alone, whichever generalised better "
+                         f"across the training sites: {len(alone)} of {len(ro.get('features') or {})} read the signal "
+                         "statistics alone" + (f" (among them {', '.join(alone[:8])})" if alone else "") + ".")
+        if ro.get("components_from"):
+            lines.append("The scores were refitted after training on more signal statistics per region than the "
+                         f"{ro['components_from'].get('n_features')} features the LLM was trained with; the principal "
+                         "components it learned to read were kept.")
     cal = meta.get("calibration") or {}
     if cal:
         lines += ["", "## Answer calibration",

@@ -153,6 +153,28 @@ def set_calibration(path: str | os.PathLike, calibration: dict[str, Any]) -> dic
     return meta
 
 
+def set_readout(path: str | os.PathLike, readout) -> dict[str, Any]:
+    """Replace a checkpoint's run readout (:mod:`~bids_fmrilm.model.readout`): its files, their
+    hashes and the ``readout`` summary in ``fmrilm.json``. The answer calibration (fitted on the
+    previous readout's scores) and the figures measured with it are dropped, so the id changes;
+    fit the calibration again (``fmrilm evaluate --calibrate``)."""
+    path = Path(path)
+    meta = read_meta(path, verify=False)
+    with tempfile.TemporaryDirectory(prefix=".readout.", dir=path) as tmp:
+        readout.save(tmp)
+        for name in READOUT_FILES:
+            os.chmod(Path(tmp) / name, 0o644)
+            os.replace(Path(tmp) / name, path / name)
+    meta.setdefault("files", {}).update({name: sha256(path / name) for name in READOUT_FILES})
+    meta["readout"] = {"values": readout.dim, **readout.info}
+    meta.pop("calibration", None)
+    meta["id"] = model_id(meta)
+    stage = meta.get("stage", "instruct")
+    meta["metrics"] = {k: v for k, v in meta.get("metrics", {}).items() if k != stage}
+    _write_meta(path, meta)
+    return meta
+
+
 def _write_meta(path: Path, meta: dict[str, Any]) -> None:
     from .card import model_card
 

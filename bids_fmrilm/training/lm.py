@@ -86,7 +86,7 @@ def prepare_data(corpus_jsonl: str | os.PathLike, timeseries_dir: str | os.PathL
     # the tokenizer's identity: a checksum of its weights and codebook
     wsum = float(sum(float(p.detach().double().abs().sum()) for p in tokenizer.model.state_dict().values()
                      if p.is_floating_point()))
-    blob = f"features+runvec3|{Path(corpus_jsonl).resolve()}|{st.st_size}|{st.st_mtime_ns}|{Path(timeseries_dir).resolve()}|{wsum:.12e}"
+    blob = f"features+runvec4|{Path(corpus_jsonl).resolve()}|{st.st_size}|{st.st_mtime_ns}|{Path(timeseries_dir).resolve()}|{wsum:.12e}"
     path = cache_dir() / "lm_data" / f"{hashlib.sha256(blob.encode()).hexdigest()[:20]}.pt"
     if cache and path.is_file():
         log(f"tokenized runs from cache {path}")
@@ -151,36 +151,49 @@ def make_block(data: LMData, i: int, roi: torch.Tensor, max_patches: int, rng: n
 
 
 def run_readouts(data: LMData, train_idx: np.ndarray, tasks: Sequence[Task], cfg: FMRILMConfig, seed: int = 0,
-                 log: Callable[[str], None] = print):
+                 log: Callable[[str], None] = print, like=None, components=None, n_features: int | None = None,
+                 select_features: bool = True):
     """Fit the run readout on the training runs: (Readout, readouts (N, S)) where training runs
-    have cross-fitted readouts (their site's models never saw them) and the others the readout's."""
+    have cross-fitted readouts (their site's models never saw them) and the others the readout's.
+    ``like``: refit a checkpoint's readout as it was fitted (its features per region, its feature
+    choice, its principal components); ``components``: keep these principal components (an
+    earlier readout's); ``n_features``: the leading features per region only (ablations);
+    ``select_features``: see :func:`~bids_fmrilm.model.readout.fit_readout`."""
     from ..model.readout import default_targets, fit_readout
 
     if data.run_vec is None:
         raise UsageError("the tokenized runs have no run vectors", fix="rebuild them (delete the lm_data cache)")
     t0 = time.time()
     tr = [int(i) for i in train_idx]
+    if like is not None:
+        n_features, components = like.n_features, like
+        select_features = "signal" in like.info.get("feature_sets", {})
+    vecs = [np.asarray(v)[:, :n_features] for v in data.run_vec]
     targets = default_targets(tasks, [data.z[i] for i in tr], [data.phenotype[i] for i in tr])
-    fit = fit_readout([data.run_vec[i] for i in tr], data.coords, [data.sites[i] for i in tr],
+    fit = fit_readout([vecs[i] for i in tr], data.coords, [data.sites[i] for i in tr],
                       [data.phenotype[i] for i in tr], [data.z[i] for i in tr], targets,
-                      n_components=cfg.readout_components, seed=seed, log=log)
-    out = np.stack([fit.readout.vector(v, data.coords) for v in data.run_vec])
+                      n_components=cfg.readout_components, seed=seed, log=log,
+                      select_features=select_features, components=components)
+    out = np.stack([fit.readout.vector(v, data.coords) for v in vecs])
     out[tr] = fit.crossfit
     log(f"readout fitted in {time.time() - t0:.0f} s ({fit.readout.dim} values per run)")
     return fit.readout, out
 
 
 def checkpoint_readouts(data: LMData, test_idx: np.ndarray, cfg: FMRILMConfig, seed: int = 0,
-                        log: Callable[[str], None] = print, readout=None):
+                        log: Callable[[str], None] = print, readout=None, refit: bool = False):
     """(Readout, readouts (N, S)) of a split: the readout fitted on every run outside ``test_idx``
     (cross-fitted readouts for those runs), or, given a checkpoint's ``readout``, that readout for
     the held-out runs and the refit's cross-fitted ones for the others (deterministic, so stage 3
-    and a later evaluation see the readouts stage 2 trained on)."""
+    and a later evaluation see the readouts stage 2 trained on). With ``refit``, the checkpoint's
+    readout is replaced by one fitted on today's run vectors (every signal statistic, the feature
+    choice) that keeps its principal components (the LLM learned to read them)."""
     fit_idx = np.setdiff1d(np.arange(len(data.keys)), test_idx)
-    fitted, readouts = run_readouts(data, fit_idx, default_tasks(cfg.descriptor_questions), cfg, seed, log)
-    if readout is None:
-        return fitted, readouts
-    if not torch.allclose(readout.weight.cpu(), fitted.weight, atol=1e-4):
+    tasks = default_tasks(cfg.descriptor_questions)
+    if readout is None or refit:
+        return run_readouts(data, fit_idx, tasks, cfg, seed, log, components=readout)
+    fitted, readouts = run_readouts(data, fit_idx, tasks, cfg, seed, log, like=readout)
+    if fitted.weight.shape != readout.weight.shape or not torch.allclose(readout.weight.cpu(), fitted.weight, atol=1e-4):
         log("warning: the readout refitted on these runs differs from the checkpoint's (another corpus?); "
             "the checkpoint's is kept")
     if len(test_idx):
@@ -522,15 +535,18 @@ def train_stage(
 def evaluate_checkpoint(model_dir: str | os.PathLike, corpus_jsonl: str | os.PathLike,
                         timeseries_dir: str | os.PathLike, calibrate: bool = False, n_describe: int = 40,
                         seed: int = 0, device: str = "auto", quantization: str = "auto",
-                        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        log: Callable[[str], None] | None = None, refit_readout: bool = False) -> dict[str, Any]:
     """Evaluate a stage-3 checkpoint again on its held-out sites and store the figures in it.
 
     The corpus and ROI series must be the ones it was trained on (the split and the readouts'
     cross-fitting are rederived from them). With ``calibrate`` the answer calibration is fitted
     again on the training runs first (``calibration_runs`` of its config; 0 removes it), which
-    changes the checkpoint's id. Returns the held-out evaluation.
+    changes the checkpoint's id. With ``refit_readout`` the run readout is first fitted again on
+    the training runs' current run vectors (new signal statistics, the per-score feature choice;
+    the principal components the LLM reads are kept), then the calibration. Returns the held-out
+    evaluation.
     """
-    from ..model.checkpoint import load_checkpoint, set_calibration, update_metrics
+    from ..model.checkpoint import load_checkpoint, set_calibration, set_readout, update_metrics
     from ..model.llm import resolve_device
     from .evaluate_lm import evaluate_heldout, fit_answer_calibration
 
@@ -548,9 +564,16 @@ def evaluate_checkpoint(model_dir: str | os.PathLike, corpus_jsonl: str | os.Pat
     if stage == "instruct":
         train_idx = answerable(data, train_idx, tasks)
     readouts = None
-    if cfg.readout and fm.readout is not None:
-        _, readouts = checkpoint_readouts(data, test_idx, cfg, seed, log, fm.readout)
     dev = next(fm.llm.parameters()).device
+    if refit_readout and (not cfg.readout or fm.readout is None):
+        raise UsageError("the checkpoint has no run readout to refit", path=model_dir, fix="drop --refit-readout")
+    if cfg.readout and fm.readout is not None:
+        fitted, readouts = checkpoint_readouts(data, test_idx, cfg, seed, log, fm.readout, refit=refit_readout)
+        if refit_readout:
+            fm.readout = fitted.to(dev)
+            set_readout(model_dir, fitted)
+            calibrate = True
+            log(f"run readout refitted ({fitted.n_features} features per region) and written to {model_dir}")
     with torch.no_grad():
         roi = tok.model.roi_embed(torch.from_numpy(data.coords)).detach().to(dev)
     if calibrate:
@@ -631,13 +654,16 @@ def instruct_command(**kw):
 @click.option("--timeseries", "timeseries_dir", type=click.Path(exists=True, file_okay=False), required=True,
               help="Participant-level output with the corpus's *_timeseries.tsv.gz runs.")
 @click.option("--calibrate", is_flag=True, help="Fit the answer calibration again on the training runs first.")
+@click.option("--refit-readout", is_flag=True,
+              help="Fit the run readout again on the current signal statistics (keeps its components), then calibrate.")
 @click.option("--n-describe", type=int, default=40, show_default=True,
               help="Held-out runs whose generated description is scored.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--quantization", type=click.Choice(["auto", "4bit", "8bit", "none"]), default="auto", show_default=True)
-def evaluate_command(model_dir, corpus_jsonl, timeseries_dir, calibrate, n_describe, seed, device, quantization):
+def evaluate_command(model_dir, corpus_jsonl, timeseries_dir, calibrate, refit_readout, n_describe, seed, device,
+                     quantization):
     """Evaluate checkpoint MODEL_DIR again on its held-out sites of CORPUS_JSONL (figures, gates and
     model card updated in place)."""
     evaluate_checkpoint(model_dir, corpus_jsonl, timeseries_dir, calibrate=calibrate, n_describe=n_describe,
-                        seed=seed, device=device, quantization=quantization)
+                        seed=seed, device=device, quantization=quantization, refit_readout=refit_readout)

@@ -810,8 +810,14 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained, tm
     model = tmp_path / "fused"
     shutil.copytree(trained["root"] / "ins" / "model", model)
     set_calibration(model, {**m0.fm.calibration, "diagnosis": {**m0.fm.calibration["diagnosis"], "scale": 1.0}})
+    # run vectors near a real run's (random ones lie many SDs off the readout's training runs, where the
+    # readout's evidence saturates the calibrated answer and no LoRA step can move it)
+    real = m0.prepare(next((trained["root"] / "data").glob("sub-*/func/*_timeseries.tsv.gz"))).run_vec
+    runs = [PreparedRun(r.ids, r.run_emb, r.coords, feats=r.feats,
+                        run_vec=(real + 0.1 * rng.standard_normal(real.shape)).astype(np.float32)) for r in runs]
     m0 = FMRILMModel.load(model, device="cpu", quantization="none")
     q0 = score_options(m0.fm, [m0.block(r) for r in runs], diag.task)[:, 1]
+    assert 0.02 < q0.mean() < 0.98  # not saturated
     m2, info2 = adapt(model, [(r, "control") for r in runs], diag,
                       AdaptSettings(steps=12, lr=3e-3, device="cpu", quantization="none"))
     assert info2["objective"] == "calibrated answer" and info2["first_grad_norm"] > 0

@@ -188,18 +188,31 @@ def _graph_features(r: np.ndarray, density: float = GRAPH_DENSITY) -> dict[str, 
     order = order[vals[order] > 0]
     if order.size == 0:
         return out
-    g = nx.Graph()
-    g.add_nodes_from(range(n))
-    g.add_weighted_edges_from(zip(iu[0][order].tolist(), iu[1][order].tolist(), vals[order].tolist()))
     w = np.zeros((n, n))
     w[iu[0][order], iu[1][order]] = vals[order]
     w = w + w.T
     out["graph.global_efficiency"] = _global_efficiency(w > 0)
-    comms = nx.community.louvain_communities(g, weight="weight", seed=GRAPH_SEED)
+    g, comms = louvain_partition(w, GRAPH_SEED)
     out["graph.modularity"] = _finite(nx.community.modularity(g, comms, weight="weight"))
     out["graph.clustering"] = _average_clustering(w)
     out["graph.strength"] = _finite(w.sum(axis=1).mean())
     return out
+
+
+def louvain_partition(w: np.ndarray, seed: int = GRAPH_SEED):
+    """(networkx graph, Louvain communities) of a weighted undirected graph, symmetric ``w``
+    (n, n) with zero diagonal: nodes 0..n-1, edges added strongest first (ties in row-major
+    order), so the descriptors (``graph.modularity``) and the run readout's modularity shares
+    (:func:`~bids_fmrilm.model.readout.modularity_shares`) partition a graph identically."""
+    import networkx as nx
+
+    iu, ju = np.nonzero(np.triu(w, 1))
+    order = np.argsort(-w[iu, ju], kind="stable")
+    iu, ju = iu[order], ju[order]
+    g = nx.Graph()
+    g.add_nodes_from(range(w.shape[0]))
+    g.add_weighted_edges_from(zip(iu.tolist(), ju.tolist(), w[iu, ju].tolist()))
+    return g, nx.community.louvain_communities(g, weight="weight", seed=seed)
 
 
 def _global_efficiency(adj: np.ndarray) -> float | None:

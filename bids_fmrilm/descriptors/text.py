@@ -150,8 +150,7 @@ def verbal_level(z: float | None) -> str:
     level = level_of(z)
     if level == UNAVAILABLE:
         return LEVEL_PHRASES[UNAVAILABLE]
-    zr = round(float(z), 1) + 0.0  # + 0.0 turns -0.0 into 0.0
-    return f"{LEVEL_PHRASES[level]} (z={zr:.1f})"
+    return level_phrase(level, z)
 
 
 _LEVEL_RANGES = {"markedly_lower": (-np.inf, -MARKED_Z), "lower": (round(0.1 - MARKED_Z, 1), -MILD_Z),
@@ -173,7 +172,7 @@ def level_phrase(level: str, z: float | None = None) -> str:
     """The phrase stating ``level``, with ``z`` as a description writes it when given:
     ``level_phrase("lower", -1.4)`` is ``"lower than average (z=-1.4)"``."""
     phrase = LEVEL_PHRASES[level]
-    return phrase if z is None else f"{phrase} (z={round(float(z), 1) + 0.0:.1f})"
+    return phrase if z is None else f"{phrase} (z={round(float(z), 1) + 0.0:.1f})"  # + 0.0: -0.0 -> 0.0
 
 
 def network_name(network: str) -> str:

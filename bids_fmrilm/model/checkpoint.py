@@ -146,11 +146,7 @@ def set_calibration(path: str | os.PathLike, calibration: dict[str, Any]) -> dic
     path = Path(path)
     meta = read_meta(path, verify=False)
     meta["calibration"] = calibration
-    meta["id"] = model_id(meta)
-    stage = meta.get("stage", "instruct")
-    meta["metrics"] = {k: v for k, v in meta.get("metrics", {}).items() if k != stage}
-    _write_meta(path, meta)
-    return meta
+    return _write_changed_answers(path, meta)
 
 
 def set_readout(path: str | os.PathLike, readout) -> dict[str, Any]:
@@ -168,6 +164,12 @@ def set_readout(path: str | os.PathLike, readout) -> dict[str, Any]:
     meta.setdefault("files", {}).update({name: sha256(path / name) for name in READOUT_FILES})
     meta["readout"] = {"values": readout.dim, **readout.info}
     meta.pop("calibration", None)
+    return _write_changed_answers(path, meta)
+
+
+def _write_changed_answers(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Write ``meta`` of a checkpoint whose answers changed: a new id, and the figures of its
+    stage (measured with the previous answers) dropped."""
     meta["id"] = model_id(meta)
     stage = meta.get("stage", "instruct")
     meta["metrics"] = {k: v for k, v in meta.get("metrics", {}).items() if k != stage}

@@ -122,10 +122,11 @@ def signal_statistics(scaled: np.ndarray, tr: float) -> np.ndarray:
 
 def modularity_shares(w: np.ndarray, seed: int = 0) -> np.ndarray:
     """Each node's share of the modularity of the Louvain communities of a weighted undirected
-    graph (symmetric ``w`` (n, n), zero diagonal; ``networkx.community.louvain_communities`` with
-    ``seed``): ``q_i = sum_j (w_ij - k_i k_j / 2m) [c_i = c_j] / 2m``, summing to the modularity.
+    graph (symmetric ``w`` (n, n), zero diagonal; the descriptors' partition,
+    :func:`~bids_fmrilm.descriptors.features.louvain_partition` with ``seed``):
+    ``q_i = sum_j (w_ij - k_i k_j / 2m) [c_i = c_j] / 2m``, summing to the modularity.
     Zeros for a graph without edges."""
-    import networkx as nx
+    from ..descriptors.features import louvain_partition
 
     w = np.asarray(w, np.float64)
     n = w.shape[0]
@@ -133,14 +134,8 @@ def modularity_shares(w: np.ndarray, seed: int = 0) -> np.ndarray:
     m2 = k.sum()
     if m2 <= 0:
         return np.zeros(n)
-    iu, ju = np.nonzero(np.triu(w, 1))
-    order = np.argsort(-w[iu, ju], kind="stable")  # the descriptors' edge order: same communities
-    iu, ju = iu[order], ju[order]
-    g = nx.Graph()
-    g.add_nodes_from(range(n))
-    g.add_weighted_edges_from(zip(iu.tolist(), ju.tolist(), w[iu, ju].tolist()))
     label = np.zeros(n, dtype=int)
-    for c, members in enumerate(nx.community.louvain_communities(g, weight="weight", seed=seed)):
+    for c, members in enumerate(louvain_partition(w, seed)[1]):
         label[list(members)] = c
     same = label[:, None] == label[None, :]
     return ((w - np.outer(k, k) / m2) * same).sum(1) / m2
@@ -426,10 +421,9 @@ def fit_readout(run_vecs: Sequence[np.ndarray], coords: np.ndarray, sites: Seque
         Wd[cols] = W
         fits[name] = (Wd, b, cross, [_crossfit_metric(t, Y[:, j], cross[:, j]) for j, t in enumerate(targets)])
     W, b, cross = np.zeros((D, len(targets))), np.zeros(len(targets)), np.zeros((N, len(targets)))
+    described = {"all": "every feature", "signal": "log IQR and signal statistics"}
     info: dict[str, Any] = {"n_train_runs": int(N), "n_sites": int(len(set(sites))), "n_components": k,
-                            "crossfit": {}, "feature_sets": {"all": "every feature",
-                                                             "signal": "log IQR and signal statistics"}
-                            if len(feature_sets) > 1 else {"all": "every feature"}, "features": {}}
+                            "crossfit": {}, "feature_sets": {n: described[n] for n in feature_sets}, "features": {}}
     if components is not None:
         info["components_from"] = {"n_features": components.n_features, **{
             key: components.info[key] for key in ("n_train_runs", "n_sites") if key in components.info}}

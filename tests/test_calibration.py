@@ -168,3 +168,62 @@ def test_fit_calibration_with_a_strong_prior_stays_at_the_prior():
     assert abs(cal["scale"] - 0.7) < 0.01 and abs(cal["bias"][1] - 0.4) < 0.01 and abs(cal["weight"] - 0.9) < 0.01
     free = fit_calibration(p, y, ridge=1e-4, evidence=e, prior=prior)
     assert free["weight"] > 1.0  # the data pull the weight up from the prior's 0.9
+
+
+def test_fit_probe_is_a_linear_map_of_the_raw_readout_values():
+    from sklearn.linear_model import LogisticRegression
+
+    from bids_fmrilm.model.calibration import fit_probe, probe_evidence
+
+    rng = np.random.default_rng(0)
+    R = rng.normal(3.0, [1.0, 5.0, 0.2, 2.0], (60, 4))
+    y = (R[:, 1] / 5 + rng.normal(0, 0.5, 60) > 0.6).astype(int)
+    spec, const = fit_probe(R, y, 3, ["a", "b", "c", "d"], C=1.0)
+    assert spec["columns"] == ["a", "b", "c", "d"] and np.shape(spec["design"]) == (4, 3)
+    ev = probe_evidence(spec, const, R)
+    assert np.allclose(ev[:, [0, 2]], 0.0)  # one decision function: the second class's log-odds; answer 2 has no runs
+    z = (R - R.mean(0)) / R.std(0)
+    ref = LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000).fit(z, y).decision_function(z)
+    np.testing.assert_allclose(ev[:, 1], ref, atol=1e-4)
+    assert np.allclose(evidence_matrix(spec, R, spec["columns"]) + const, ev)
+
+
+def test_refit_calibration_takes_a_readout_probe_only_when_it_clearly_beats_the_checkpoint():
+    """The checkpoint's evidence (column 0) carries nothing at the user's site, another readout
+    value (column 3) carries the label: the probe is chosen, stored as a calibration that
+    ``apply_calibration`` applies to readouts, and ranks new runs of that site far better. When
+    no readout value carries the label, the probe is not chosen."""
+    from bids_fmrilm.model.calibration import apply_calibration, refit_calibration
+
+    names = ["score:pos", "pc1", "pc2", "pc3", "pc4"]
+    spec = {"columns": ["score:pos"], "design": [[0.0, 1.0]]}
+    prior = {"scale": 1.0, "bias": [0.0, 0.0], "weight": 1.0, "evidence": spec, "answers": ["no", "yes"]}
+
+    def site(n, seed, signal):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, n)
+        R = rng.normal(0, 1, (n, len(names)))
+        R[:, 3] += signal * (2 * y - 1)
+        s = rng.normal(0, 1, n)  # the LLM's answer: noise
+        return np.stack([1 / (1 + np.exp(s)), 1 / (1 + np.exp(-s))], 1), R, y
+
+    p, R, y = site(40, 0, 1.5)
+    groups = [f"p{i}" for i in range(len(y))]
+    ev = evidence_matrix(spec, R, names)
+    new, report = refit_calibration(p, y, groups, prior, ev, seed=0, readouts=R, readout_names=names)
+    assert report["chosen"].startswith("probe:") and new["refit"] == report["chosen"]
+    assert {"checkpoint", "1.0", "0.1", "0.01", "probe:0.01", "probe:0.1"} == set(report["cv_loss"])
+    mean, se = report["probe_margin"][report["chosen"]]
+    assert mean + se < 0
+    assert new["evidence"]["columns"] == names and new["weight"] > 0
+    p2, R2, y2 = site(1000, 1, 1.5)
+    q = apply_calibration(p2, new, ["no", "yes"], R2, names)
+    assert roc_auc_score(y2, q[:, 1]) > 0.85
+    assert roc_auc_score(y2, apply_calibration(p2, prior, ["no", "yes"], R2, names)[:, 1]) < 0.6
+    # the stored biases carry the probe's constant: the balanced accuracy at 0.5 is that of the probe
+    assert balanced_accuracy_score(y2, q[:, 1] > 0.5) > 0.75
+    # nothing in the readout: the probe does not replace the checkpoint's candidates
+    p3, R3, y3 = site(40, 2, 0.0)
+    kept, rep3 = refit_calibration(p3, y3, groups, prior, evidence_matrix(spec, R3, names), seed=0,
+                                   readouts=R3, readout_names=names)
+    assert not rep3["chosen"].startswith("probe:") and not str(kept["refit"]).startswith("probe:")

@@ -838,8 +838,11 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained, tm
     m4, info4 = adapt(model, [(r, a) for r, a in zip(runs, ["autism", "control"] * 3)], diag,
                       AdaptSettings(steps=3, lr=3e-3, device="cpu", quantization="none"), groups=list("abcdef"))
     rec = info4["recalibration"]
-    assert rec["folds"] == 3 and set(rec["cv_loss"]) == {"checkpoint", "1.0", "0.1", "0.01"}
-    assert rec["cv_loss"][rec["chosen"]] == min(rec["cv_loss"].values())
+    # (the readout probes too: 2 participants per class in each training fold allow their cross-fit)
+    assert rec["folds"] == 3 and set(rec["cv_loss"]) == {"checkpoint", "1.0", "0.1", "0.01", "probe:0.01", "probe:0.1"}
+    eligible = {c: v for c, v in rec["cv_loss"].items()
+                if not c.startswith("probe:") or sum(rec["probe_margin"][c]) < 0}
+    assert rec["cv_loss"][rec["chosen"]] == min(eligible.values())
     assert m4.fm.calibration["diagnosis"] == info4["calibration"]
     assert (info4["calibration"]["refit"] is None) == (rec["chosen"] == "checkpoint")
     for a, b in zip(m4.fm.projector.adapter.parameters(), m0.fm.projector.adapter.parameters()):
@@ -851,6 +854,11 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained, tm
                       groups=list("abcdef"))
     curve = info3["validation_curve"]
     assert info3["validation_examples"] == 2 and [s for s, _ in curve] == [0, 3, 6]
+    # a label the checkpoint has no calibration for is recalibrated from the identity; it trains
+    # the calibrated answer only when a fit beats the identity
+    assert info3["recalibration"]["folds"] == 3 and "probe:0.1" in info3["recalibration"]["cv_loss"]
+    assert (info3["objective"] == "calibrated answer") == (info3["recalibration"]["chosen"] != "checkpoint")
+    assert (info3["calibration"] is None) == (info3["recalibration"]["chosen"] == "checkpoint")
     margin = {int(k): v for k, v in info3["validation_margin"].items()}
     assert sorted(margin) == [3, 6] and all(m[0] == pytest.approx(dict(curve)[k] - curve[0][1], abs=1e-4)
                                             for k, m in margin.items())
@@ -861,9 +869,15 @@ def test_few_shot_adaptation_learns_and_never_sees_test_participants(trained, tm
 
     _, val = validation_split([a for _, a in ex], list("abcdef"), 0.25, 0)
     with torch.no_grad():  # the model returned scores the validation loss recorded for the kept step
-        segs = [instruction_segments(prompt.task, j, ex[i][1]) for j, i in enumerate(val)]
-        loss = float(m3.fm(segs, [m3.block(ex[i][0]) for i in val], ["instruct"] * len(segs), {"instruct": 1.0}, 0.0)["loss"])
-    assert loss == pytest.approx(dict(curve)[info3["kept_step"]], abs=1e-3) and loss <= curve[0][1]
+        blks = [m3.block(ex[i][0]) for i in val]
+        if info3["objective"] == "calibrated answer":
+            z = calibrated_logits(m3.fm, answer_scores(m3.fm, blks, [prompt.task])[0], info3["calibration"], blks)
+            target = torch.tensor([prompt.task.answers.index(ex[i][1]) for i in val])
+            loss = float(torch.nn.functional.cross_entropy(z, target))
+        else:
+            segs = [instruction_segments(prompt.task, j, ex[i][1]) for j, i in enumerate(val)]
+            loss = float(m3.fm(segs, blks, ["instruct"] * len(segs), {"instruct": 1.0}, 0.0)["loss"])
+    assert loss == pytest.approx(dict(curve)[info3["kept_step"]], abs=1e-3) and loss <= curve[0][1] + 1e-4  # (rounded)
     # shots: K per class, nested, training fold only
     y = np.array(["A", "B"] * 10)
     train, test = np.arange(14), np.arange(14, 20)

@@ -20,10 +20,17 @@ when participant-grouped cross-validation on the shots prefers a fit to the chec
 (:func:`~bids_fmrilm.model.calibration.refit_calibration`). That is what few labels support: the
 checkpoint's calibration was fitted on runs the LLM was trained on and trusts the LLM more than
 new sites bear out (ABIDE's held-out sites: the LLM's sex answer ranks runs at AUROC 0.25 while the
-readout's score reaches 0.58). Then the LoRA adapter trains on the calibrated, fused answer as it
-is scored, so it learns what the calibrated evidence does not already say (other labels train the
-answer text); the readout adapter stays frozen, so the saved adapter (LoRA and calibration) is
-the whole adaptation. A quarter of the shots' participants is held out for early stopping, and
+readout's score reaches 0.58). A readout probe competes in the same cross-validation: a
+class-balanced logistic regression of the answer on the whole run readout (its principal
+components and every score), fitted on the shots and fused with the LLM's answer in place of the
+checkpoint's score (:func:`~bids_fmrilm.model.calibration.fit_probe_calibration`). It carries what
+the checkpoint's score of the task misses: an effect of the user's own sites (the simulated
+dataset of ``make demo``: weaker default-mode coupling, which the checkpoint's ABIDE diagnosis
+score ranks at AUROC 0.92 and a probe on the readout at 1.0), or a label the checkpoint has no
+calibration for, which starts from the identity calibration. Then the LoRA adapter trains on the
+calibrated, fused answer as it is scored, so it learns what the calibrated evidence does not
+already say (labels whose calibration stays the identity train the answer text); the readout
+adapter stays frozen, so the saved adapter (LoRA and calibration) is the whole adaptation. A quarter of the shots' participants is held out for early stopping, and
 the weights before the first step are one of the candidates, replaced only by a step that lowers
 the held-out shots' loss by more than one standard error: on ABIDE (training folds of the
 held-out sites) the held-out shots' loss rose within the first five steps in most folds whatever
@@ -249,7 +256,7 @@ class AdaptSettings:
     lr: float = 3e-4
     warmup: int = 5
     validation: float = 0.25  # share of the shots' participants held out for early stopping (0: none)
-    recalibrate: bool = True  # fit a calibrated task's answer calibration again on the shots (refit_calibration)
+    recalibrate: bool = True  # fit the task's answer calibration (or a readout probe) on the shots (refit_calibration)
     eval_every: int = 5
     seed: int = 0
     device: str = "auto"
@@ -263,8 +270,10 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
 
     The model is loaded afresh (LoRA trainable; projector with its readout adapter, fMRI head and
     tokenizer frozen; ``verify=False`` skips the file hashes of a checkpoint the caller has
-    already checked). A calibrated task is recalibrated on the examples first (:func:`recalibrate`,
-    ``settings.recalibrate``); the model returned scores with the chosen calibration.
+    already checked). The task's calibration (the identity when the checkpoint has none and reads a
+    run readout) is fitted again on the examples first, a readout probe among the candidates
+    (:func:`recalibrate`, ``settings.recalibrate``); the model returned scores with the chosen
+    calibration.
 
     Early stopping: a stratified ``settings.validation`` share of the participants (``groups``,
     one per example; each example its own participant when None) is held out of training, the
@@ -307,9 +316,15 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
     fused = applies(cal, prompt.task.answers)
     answer_index = {a: k for k, a in enumerate(prompt.task.answers)}
     recal = None
-    if fused and settings.recalibrate:  # before any step: the scores are those of the checkpoint, unseen runs
-        cal, recal = recalibrate(model, examples, groups, prompt.task, cal, settings.seed)
-        fm.calibration = {**(fm.calibration or {}), prompt.task.name: cal}
+    if settings.recalibrate and (fused or getattr(fm, "readout", None) is not None):
+        # before any step: the scores are those of the checkpoint, on unseen runs. A label the
+        # checkpoint has no calibration for starts from the identity; a fit (or a readout probe)
+        # that beats it makes the calibrated answer the objective
+        start = cal if fused else identity_calibration(prompt.task.answers)
+        cal, recal = recalibrate(model, examples, groups, prompt.task, start, settings.seed)
+        fused = fused or recal["chosen"] != "checkpoint"
+        if fused:
+            fm.calibration = {**(fm.calibration or {}), prompt.task.name: cal}
 
     def objective(idx, rng=None, per_example: bool = False) -> torch.Tensor:
         blks = [model.block(examples[i][0], rng=rng) for i in idx]
@@ -402,14 +417,23 @@ def recalibrate(model: FMRILMModel, examples: Sequence[tuple[PreparedRun, str]],
             blks = [model.block(r) for r, _ in examples[s:s + 8]]
             proba.append(torch.softmax(answer_scores(fm, blks, [task])[0].float(), -1).cpu().numpy())
             readouts.append(block_readouts(blks))
+    readouts = None if any(r is None for r in readouts) else np.concatenate(readouts)
     spec = cal.get("evidence") if cal.get("weight") else None
-    evidence = evidence_matrix(spec, np.concatenate(readouts), fm.readout.names) if spec else None
+    evidence = evidence_matrix(spec, readouts, fm.readout.names) if spec else None
     index = {a: k for k, a in enumerate(task.answers)}
     y = np.array([index[a] for _, a in examples])
     groups = list(groups) if groups is not None else [str(i) for i in range(len(examples))]
-    new, report = refit_calibration(np.concatenate(proba), y, groups, cal, evidence, seed=seed)
+    names = None if readouts is None else fm.readout.names
+    new, report = refit_calibration(np.concatenate(proba), y, groups, cal, evidence, seed=seed, readouts=readouts,
+                                    readout_names=names)
     log.debug("few-shot recalibration of %r: %s", task.name, report)
     return new, report
+
+
+def identity_calibration(answers: Sequence[str]) -> dict[str, Any]:
+    """The calibration that changes nothing (slope 1, no biases): the start of a label's
+    recalibration when the checkpoint has none for it."""
+    return {"scale": 1.0, "bias": [0.0] * len(answers), "answers": [str(a) for a in answers]}
 
 
 def validation_split(answers: Sequence[str], groups: Sequence[str] | None, share: float, seed: int

@@ -185,9 +185,120 @@ def balanced_log_loss(proba: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean([-np.log(p[y == c]).mean() for c in classes]))
 
 
+PROBE_CS = (0.01, 0.1)
+"""Inverse L2 penalties of the shots' readout probe (:func:`fit_probe`) that :func:`refit_calibration`
+tries (on standardised readout values)."""
+
+PROBE_RIDGE = 0.1
+"""Penalty of the calibration fitted around a readout probe (towards the prior's slope and biases
+and an evidence weight of 1: the probe's scores are log-odds)."""
+
+
+def fit_probe(readouts: np.ndarray, y: np.ndarray, n_answers: int, names: Sequence[str], C: float,
+              seed: int = 0) -> tuple[dict[str, list], np.ndarray]:
+    """A class-balanced L2 logistic regression of the answers on standardised readout values.
+
+    The probe is what a few labelled participants can add to a checkpoint: a new linear read of
+    the run readout (its principal components and every score), for a label the readout has no
+    score of or one the user's sites see differently. It is returned in the form of
+    :func:`task_evidence`, so that a calibration applies it like the checkpoint's own evidence.
+
+    Parameters
+    ----------
+    readouts : ndarray of shape (n_runs, S)
+        The runs' readouts.
+    y : ndarray of shape (n_runs,)
+        Index of each run's answer (at least two distinct).
+    n_answers : int
+        Number of answers of the task.
+    names : sequence of str
+        The readout's value names (``columns`` of the spec).
+    C : float
+        Inverse penalty of the logistic regression.
+    seed : int
+        Random state of the solver.
+
+    Returns
+    -------
+    spec : dict
+        ``columns`` (every readout value) and ``design`` (S rows, one entry per answer: the
+        log-odds weights on the raw readout values; answers without runs get 0).
+    constant : ndarray of shape (n_answers,)
+        What the probe adds to each answer whatever the run (intercepts and the standardisation's
+        centre); :func:`probe_evidence` includes it, a calibration's biases absorb it.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    X = np.asarray(readouts, np.float64)
+    mu, sd = X.mean(0), X.std(0)
+    sd = np.where(sd > 1e-8, sd, 1.0)
+    clf = LogisticRegression(C=C, class_weight="balanced", max_iter=2000, random_state=seed)
+    clf.fit((X - mu) / sd, y)
+    W = np.zeros((n_answers, X.shape[1]))
+    b = np.zeros(n_answers)
+    if len(clf.classes_) == 2:  # one decision function: the log-odds of the second class
+        W[clf.classes_[1]], b[clf.classes_[1]] = clf.coef_[0], clf.intercept_[0]
+    else:
+        W[clf.classes_], b[clf.classes_] = clf.coef_, clf.intercept_
+    design = (W / sd).T  # (S, A) on the raw values
+    constant = b - mu @ design
+    return {"columns": list(names), "design": design.tolist()}, constant
+
+
+def probe_evidence(spec: Mapping, constant: np.ndarray, readouts: np.ndarray) -> np.ndarray:
+    """Evidence (n_runs, n_answers) of a :func:`fit_probe`: the answers' log-odds scores."""
+    return np.asarray(readouts, np.float64) @ np.asarray(spec["design"], np.float64) + constant
+
+
+def _crossfit_probe(readouts: np.ndarray, y: np.ndarray, groups: np.ndarray, n_answers: int,
+                    names: Sequence[str], C: float, n_folds: int, seed: int) -> np.ndarray | None:
+    """Participant-grouped cross-fitted probe evidence of every run, or None when a class has
+    fewer than two participants."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    first = dict(zip(groups, y))
+    counts = np.bincount(list(first.values()))
+    k = min(n_folds, int(counts[counts > 0].min()))
+    if k < 2 or len(set(y)) < 2:
+        return None
+    out = np.zeros((len(y), n_answers))
+    for train, test in StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(readouts, y, groups):
+        if len(set(y[train])) < 2:
+            return None
+        spec, const = fit_probe(readouts[train], y[train], n_answers, names, C, seed)
+        out[test] = probe_evidence(spec, const, readouts[test])
+    return out
+
+
+def fit_probe_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], prior: Mapping,
+                          readouts: np.ndarray, names: Sequence[str], C: float, n_folds: int = 5,
+                          seed: int = 0) -> dict[str, object] | None:
+    """A calibration of the LLM's answer fused with a readout probe fitted on the same runs.
+
+    The evidence weight is fitted on the probe's cross-fitted scores (stacking: each run scored by
+    a probe that did not see its participant), then the probe is fitted on every run; the
+    probe's constant goes into the biases. Slope and biases are pulled towards ``prior``'s, the
+    weight towards 1 (:data:`PROBE_RIDGE`). None when a class has fewer than two participants.
+    """
+    y = np.asarray(y, dtype=int)
+    groups = np.asarray(groups)
+    A = proba.shape[1]
+    crossfit = _crossfit_probe(readouts, y, groups, A, names, C, n_folds, seed)
+    if crossfit is None:
+        return None
+    spec, const = fit_probe(readouts, y, A, names, C, seed)
+    centre = {"scale": prior["scale"], "bias": prior["bias"], "weight": 1.0}
+    cal = fit_calibration(proba, y, prior.get("answers"), PROBE_RIDGE, crossfit, spec, prior=centre)
+    shift = float(cal["weight"]) * (const - const[0])  # the first answer's bias stays 0
+    cal["bias"] = [float(b + s) for b, s in zip(cal["bias"], shift)]
+    return cal
+
+
 def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], prior: Mapping,
                       evidence: np.ndarray | None = None, ridges: Sequence[float] = REFIT_RIDGES,
-                      n_folds: int = 5, seed: int = 0) -> tuple[dict[str, object], dict[str, object]]:
+                      n_folds: int = 5, seed: int = 0, readouts: np.ndarray | None = None,
+                      readout_names: Sequence[str] | None = None, probe_cs: Sequence[float] = PROBE_CS
+                      ) -> tuple[dict[str, object], dict[str, object]]:
     """Fit a checkpoint's calibration of one task again on a user's labelled runs, or keep it.
 
     The calibration's few parameters (a slope, one bias per answer, the readout evidence's weight)
@@ -198,7 +309,13 @@ def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], p
     checkpoint's calibration as it is, and fits pulled towards it with each of ``ridges``; each
     is scored by participant-grouped cross-validation (class-balanced log loss of the held-out
     participants' runs), and the best is fitted again on every run; a fit must beat the
-    checkpoint's calibration to replace it.
+    checkpoint's calibration to replace it, and a probe the best other candidate by more than one
+    standard error of the participants' paired losses. With the runs' ``readouts``, a readout probe per
+    ``probe_cs`` is a candidate too (:func:`fit_probe_calibration`: a logistic regression of the
+    answers on the whole readout, fused with the LLM's answer in place of the checkpoint's
+    evidence), scored by the same cross-validation with the probe fitted inside each training
+    fold; it reads what the checkpoint's score of the task misses (a label the checkpoint has
+    no score for, an effect the user's sites show and its training sites did not).
 
     Parameters
     ----------
@@ -218,14 +335,22 @@ def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], p
         Cross-validation folds (fewer when a class has fewer participants).
     seed : int
         Seed of the fold assignment.
+    readouts : ndarray of shape (n_runs, S), optional
+        The runs' readouts; enables the probe candidates.
+    readout_names : sequence of str, optional
+        The readout's value names (required with ``readouts``).
+    probe_cs : sequence of float
+        Inverse penalties of the probe candidates (``"probe:<C>"`` in the report).
 
     Returns
     -------
     calibration : dict
         The chosen calibration (``prior`` itself when no fit beats it), with ``refit`` (the ridge
-        of the fit, or None) added.
+        of the fit, ``"probe:<C>"``, or None) added.
     report : dict
-        ``cv_loss`` per candidate (``"checkpoint"`` and each ridge), ``chosen`` and ``folds``.
+        ``cv_loss`` per candidate (``"checkpoint"``, each ridge, each probe), ``chosen``, ``folds``
+        and, with probes, ``probe_margin`` (each probe's mean paired change of a participant's
+        loss from the best other candidate, and its standard error).
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -248,17 +373,59 @@ def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], p
         return apply_calibration_matrix(proba[rows], cal, None if evidence is None else evidence[rows])
 
     splits = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(proba, y, groups))
-    losses = {"checkpoint": balanced_log_loss(apply(prior, np.arange(len(y))), y)}
+    held = {"checkpoint": apply(prior, np.arange(len(y)))}  # candidate -> held-out probabilities
     for ridge in ridges:
         out = np.zeros(proba.shape)
         for train, test in splits:
             out[test] = apply(fit(train, ridge), test)
-        losses[str(ridge)] = balanced_log_loss(out, y)
+        held[str(ridge)] = out
+    losses = {c: balanced_log_loss(v, y) for c, v in held.items()}
+    margins: dict[str, list[float]] = {}
+    if readouts is not None:
+        R = np.asarray(readouts, np.float64)
+        names = list(readout_names or [])
+
+        def probe(rows, C):
+            return fit_probe_calibration(proba[rows], y[rows], groups[rows], prior, R[rows], names, C, n_folds, seed)
+
+        for C in probe_cs:
+            out = np.zeros(proba.shape)
+            for train, test in splits:
+                cal = probe(train, C)
+                if cal is None:
+                    break
+                out[test] = apply_calibration_matrix(proba[test], cal, evidence_matrix(cal["evidence"], R[test], names))
+            else:
+                losses[f"probe:{C:g}"] = balanced_log_loss(out, y)
+                held[f"probe:{C:g}"] = out
+        # a probe has a hundred weights where the other candidates have a few: it must beat the
+        # best of them by more than one standard error of the participants' paired losses
+        base = min((c for c in held if not c.startswith("probe:")), key=lambda c: (losses[c], c != "checkpoint"))
+        for c in [c for c in held if c.startswith("probe:")]:
+            mean, se = _paired_change(held[c], held[base], y, groups)
+            margins[c] = [round(mean, 5), round(se, 5)]
+            if mean + se >= 0:
+                del losses[c]
     chosen = min(losses, key=lambda c: (losses[c], c != "checkpoint"))
-    report = {"cv_loss": {c: round(v, 5) for c, v in losses.items()}, "chosen": chosen, "folds": k}
+    report = {"cv_loss": {c: round(balanced_log_loss(v, y), 5) for c, v in held.items()}, "chosen": chosen,
+              "folds": k, **({"probe_margin": margins} if margins else {})}
     if chosen == "checkpoint":
         return kept, report
+    if chosen.startswith("probe:"):
+        cal = probe(np.arange(len(y)), float(chosen.split(":", 1)[1]))
+        return {**cal, "refit": chosen}, report
     return {**fit(np.arange(len(y)), float(chosen)), "refit": float(chosen)}, report
+
+
+def _paired_change(proba: np.ndarray, base: np.ndarray, y: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
+    """Mean change of the participants' shares of the class-balanced log loss from ``base`` to
+    ``proba`` (summed over participants it is the change of :func:`balanced_log_loss`), and its
+    standard error."""
+    counts = np.bincount(y)
+    w = 1.0 / (len(np.unique(y)) * counts[y])
+    d = w * (np.log(np.clip(base[np.arange(len(y)), y], 1e-12, 1)) - np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, 1)))
+    per = np.array([d[groups == g].sum() for g in np.unique(groups)])
+    return float(per.mean()), float(per.std(ddof=1) / np.sqrt(len(per))) if len(per) > 1 else 0.0
 
 
 def apply_calibration_matrix(proba: np.ndarray, calibration: Mapping, evidence: np.ndarray | None = None

@@ -559,7 +559,8 @@ def test_participant_level_writes_model_outputs(trained, tmp_path):
     out = outs[0]
     for sub in ("01", "02"):
         func = out / f"sub-{sub}" / "func"
-        for suffix in ("desc-fmrilm_tokens.tsv.gz", "desc-fmrilm_tokens.json", "desc-fmrilm_embedding.tsv.gz",
+        for suffix in ("desc-fmrilm_tokens.tsv.gz", "desc-fmrilm_tokens.json", "desc-encoder_features.tsv.gz",
+                       "desc-encoder_features.json", "desc-fmrilm_embedding.tsv.gz",
                        "desc-fmrilm_description.json", "desc-fmrilm_predictions.tsv", "desc-fmrilm_forecast.tsv.gz",
                        "desc-fmrilm_forecast.json"):
             assert len(list(func.glob(f"*{suffix}"))) == 1, (sub, suffix)
@@ -574,7 +575,14 @@ def test_participant_level_writes_model_outputs(trained, tmp_path):
     assert abs(row["p_female"] + row["p_male"] - 1) < 1e-6 and row["prediction"] in ("female", "male")
     marker = json.loads(next(out.glob("sub-01/func/*_desc-fmrilm_tokens.json")).read_text())
     meta = json.loads((model / "fmrilm.json").read_text())
-    assert marker["ModelID"] == meta["id"] and marker["Seed"] == 0 and len(marker["ModelOutputs"]) >= 8
+    assert marker["ModelID"] == meta["id"] and marker["Seed"] == 0 and len(marker["ModelOutputs"]) >= 10
+    # the encoder's run representation: one row per ROI, what the group level's encoder probe reads
+    from bids_fmrilm.levels.fewshot import encoder_participants, read_token_runs
+
+    enc = pd.read_csv(next(out.glob("sub-01/func/*_desc-encoder_features.tsv.gz")), sep="\t")
+    assert enc["region"].tolist() == list(ts.columns) and enc.shape[1] > 2
+    group_view = encoder_participants(read_token_runs(out, ["01"], model, meta), ["01"])[0]
+    np.testing.assert_allclose(enc.drop(columns="region").to_numpy().reshape(-1), group_view, rtol=1e-5, atol=1e-5)
     # same seed, same outputs (JSON sidecars carry paths; compare the data files)
     for pattern in ("sub-*/func/*_tokens.tsv.gz", "sub-*/func/*_predictions.tsv", "sub-*/func/*_embedding.tsv.gz",
                     "sub-*/func/*_forecast.tsv.gz"):
@@ -602,6 +610,8 @@ def test_participant_level_writes_model_outputs(trained, tmp_path):
     res = run_cli(data, tmp_path / "t", "participant", "--model", str(trained["root"] / "tok"))
     assert res.code == 0, res.stderr
     assert len(list((tmp_path / "t").glob("sub-*/func/*_desc-fmrilm_tokens.tsv.gz"))) == 2
+    assert _tree(tmp_path / "t", "sub-*/func/*_desc-encoder_features.tsv.gz") == _tree(
+        outs[0], "sub-*/func/*_desc-encoder_features.tsv.gz")  # the same tokenizer, with or without the LLM
     assert not list((tmp_path / "t").glob("sub-*/func/*_predictions.tsv"))
     # the report: one HTML per participant, every figure it references exists
     import re
@@ -693,8 +703,8 @@ def test_group_level_few_shot_lora(trained, tmp_path):
     assert res.code == 0, res.stderr
     g = out / "group"
     pred = pd.read_csv(g / "label-diagnosis_predictions.tsv", sep="\t")
-    methods = ["chance", "fc_linear", "fmrilm_zeroshot", "fmrilm_embedding_probe", "fmrilm_fewshot_1",
-               "fmrilm_fewshot_all"]
+    methods = ["chance", "fc_linear", "fmrilm_zeroshot", "fmrilm_embedding_probe", "fmrilm_encoder_probe",
+               "fmrilm_fewshot_1", "fmrilm_fewshot_all"]
     for m in methods:
         np.testing.assert_allclose(pred[f"{m}_p_ASD"] + pred[f"{m}_p_TD"], 1.0, atol=1e-6)
     met = pd.read_csv(g / "label-diagnosis_metrics.tsv", sep="\t")
@@ -732,6 +742,7 @@ def test_group_level_few_shot_lora(trained, tmp_path):
     for m in ("fmrilm_zeroshot", "fmrilm_fewshot_3"):  # means of training-bin targets: inside the range
         assert rp[f"{m}_prediction"].between(rp["age"].min(), rp["age"].max()).all(), m
     assert np.isfinite(rp["fmrilm_embedding_probe_prediction"]).all()
+    assert np.isfinite(rp["fmrilm_encoder_probe_prediction"]).all()
     rm = pd.read_csv(g / "label-age_metrics.tsv", sep="\t")
     assert set(rm["metric"]) == {"mae", "pearson_r"} and "fmrilm_fewshot_3" in set(rm["method"])
     ra = json.loads((g / "label-age_adapter" / "adapter.json").read_text())
@@ -986,3 +997,30 @@ def test_compare_models_reports_differences_against_sampling_noise(tmp_path):
     assert ok.exit_code == 0 and "| instruct | diagnosis AUROC |" in ok.output
     bad = CliRunner().invoke(compare_models_command, [str(pkg), str(other), "--check"])
     assert bad.exit_code == 1 and "**no**" in bad.output
+
+
+def test_encoder_probe_reads_the_tokenizers_run_representation():
+    """The group level's encoder probe reads each run's encoder features averaged over its windows
+    (weighted by their real volumes) exactly as information gate 1 probes them, averaged over a
+    participant's runs; a run without features (a codes-reading checkpoint) turns the method off."""
+    from bids_fmrilm.levels.fewshot import encoder_participants
+    from bids_fmrilm.model.api import PreparedRun
+    from bids_fmrilm.model.readout import run_vector
+    from bids_fmrilm.tokenizer import Tokenizer
+
+    rng = np.random.default_rng(0)
+    R, c = 5, 3
+
+    def run(n_windows, lengths):
+        f = rng.normal(size=(n_windows, R, c)).astype(np.float32)
+        return PreparedRun(np.zeros((n_windows, R), int), np.zeros(4), np.zeros((R, 3)), feats=f,
+                           run_vec=run_vector(f, np.asarray(lengths), None)), Tokenizer.run_representation(f, lengths)
+
+    (a1, r1), (a2, r2), (b1, s1) = run(3, [8, 8, 2]), run(2, [8, 8]), run(4, [8, 8, 8, 5])
+    enc = encoder_participants({"a": [a1, a2], "b": [b1]}, ["b", "a"])
+    assert enc.shape == (2, R * c)
+    np.testing.assert_allclose(enc[0], s1, rtol=1e-5)
+    np.testing.assert_allclose(enc[1], (r1 + r2) / 2, rtol=1e-5)
+    assert not np.allclose(r1, a1.feats.mean(0).reshape(-1))  # the short last window counts less
+    b1.feats = None
+    assert encoder_participants({"a": [a1, a2], "b": [b1]}, ["b", "a"]) is None

@@ -36,6 +36,7 @@ BIDSIGNORE = [
     "*_timeseries.tsv.gz",
     "*_timeseries.json",
     "*_features.json",
+    "*_features.tsv.gz",
     "*_tokens.tsv.gz",
     "*_tokens.json",
     "*_embedding.tsv.gz",

@@ -1,4 +1,4 @@
-"""Group level, fMRI-LM methods: zero-shot answers, few-shot LoRA adaptation, embedding probe.
+"""Group level, fMRI-LM methods: zero-shot answers, few-shot LoRA adaptation, embedding and encoder probes.
 
 Everything starts from what the participant level wrote: each run's token ids
 (``*_desc-fmrilm_tokens.tsv.gz``), the tokenizer's run embedding in the tokens sidecar and the
@@ -244,6 +244,22 @@ def embed_participants(model: FMRILMModel, runs: dict[str, list[PreparedRun]],
     flat = [(p, r) for p in participants for r in runs[p]]
     emb = np.concatenate([embed_blocks(model.fm, [model.block(r)]) for _, r in flat])
     return _participant_mean(emb, [p for p, _ in flat], participants)
+
+
+def encoder_participants(runs: dict[str, list[PreparedRun]], participants: Sequence[str]) -> np.ndarray | None:
+    """The tokenizer encoder's run representation (n_participants, R * c), averaged over each
+    participant's runs: each region's continuous encoder features averaged over the run's windows
+    (weighted by their real volumes), flattened region by region, as information gate 1 probes
+    it. ``None`` when a run has no encoder features (a checkpoint that reads codebook vectors) or
+    the runs' atlases differ in size."""
+    flat = [(p, r) for p in participants for r in runs[p]]
+    if not flat or any(r.feats is None or r.run_vec is None for _, r in flat):
+        return None
+    c = flat[0][1].feats.shape[-1]
+    rep = [r.run_vec[:, :c].reshape(-1) for _, r in flat]  # run_vector's leading columns: the weighted mean
+    if len({len(v) for v in rep}) > 1:
+        return None
+    return _participant_mean(np.stack(rep), [p for p, _ in flat], participants)
 
 
 # ------------------------------------------------------------------------------------ adaptation
@@ -577,7 +593,8 @@ class FMRILMResult:
 def fmrilm_cv(checkpoint: str | os.PathLike, meta: dict[str, Any], name: str, task_type: str,
               classes: list[str] | None, participants: Sequence[str], y: np.ndarray, folds,
               runs: dict[str, list[PreparedRun]], shots: Sequence[int | None], settings: AdaptSettings) -> FMRILMResult:
-    """Zero-shot, embedding-probe and few-shot (one method per K) predictions on ``folds``.
+    """Zero-shot, embedding-probe, encoder-probe and few-shot (one method per K) predictions on
+    ``folds``.
 
     ``meta`` is the checkpoint's ``fmrilm.json`` as read (hashes checked) by the caller. Zero-shot
     answers and embeddings come from the checkpoint as trained; each (fold, K) trains a fresh
@@ -603,9 +620,14 @@ def fmrilm_cv(checkpoint: str | os.PathLike, meta: dict[str, Any], name: str, ta
     del model
     log.info("fMRI-LM zero-shot and embeddings: %d participants (%s)", len(pids),
              f"task {prompt.task.name!r}" if prompt else "regression bins per fold")
-    preds = {"fmrilm_zeroshot": zero,
-             "fmrilm_embedding_probe": out_of_fold(lambda yt: linear_baseline(task_type, yt, settings.seed), emb, y,
-                                                   folds, classes)}
+
+    def probe(x):
+        return out_of_fold(lambda yt: linear_baseline(task_type, yt, settings.seed), x, y, folds, classes)
+
+    preds = {"fmrilm_zeroshot": zero, "fmrilm_embedding_probe": probe(emb)}
+    enc = encoder_participants(runs, pids)
+    if enc is not None:
+        preds["fmrilm_encoder_probe"] = probe(enc)
     rows: list[dict[str, Any]] = []
     for k in shots:
         out = np.full(shape, np.nan)

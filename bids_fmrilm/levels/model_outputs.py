@@ -4,6 +4,8 @@ Runs after the signal pass (which may use several processes): the model is loade
 process, and reads each run's cleaned ROI series from the output folder. Per run it writes
 
 - ``*_atlas-<A>_desc-fmrilm_tokens.tsv.gz`` (one row per time patch, one column per ROI);
+- ``*_atlas-<A>_desc-encoder_features.tsv.gz`` (+ JSON sidecar): the encoder's run representation,
+  one row per ROI (its continuous features averaged over the run's windows);
 - with an fMRI-LM checkpoint also ``*_desc-fmrilm_embedding.tsv.gz``, ``*_desc-fmrilm_description.json``,
   ``*_desc-fmrilm_predictions.tsv`` and ``*_desc-fmrilm_forecast.tsv.gz`` (+ JSON sidecars);
 - ``*_atlas-<A>_desc-fmrilm_tokens.json`` last: it names the model (id + hash), atlas, TR, seed
@@ -29,6 +31,10 @@ from ..config import Config
 from ..errors import BidsAppError, DataError, ExitCode, MissingInputError, UsageError
 
 log = logging.getLogger("bids_fmrilm")
+
+OUTPUT_SET = 2
+"""Version of the set of files a run gets (2: the encoder's run representation); part of the
+settings hash, so outputs written before a new file existed are recomputed, not skipped."""
 
 SAMPLING = {"strategy": "greedy", "max_new_tokens": 96,
             "levels": "guided: the descriptor levels of the zero-shot predictions (LevelGuide)",
@@ -126,7 +132,8 @@ class LoadedModel:
         if self.adapter is not None:
             adapter = {"AdapterID": self.adapter["AdapterID"], "Label": self.adapter["Label"],
                        "Path": str(self.adapter_path.resolve())}
-        blob = f"{self.id}|{self.kind}|{cfg.seed}|{self.quantization}|{SAMPLING}|{adapter and adapter['AdapterID']}"
+        blob = (f"{self.id}|{self.kind}|{cfg.seed}|{self.quantization}|{SAMPLING}|{adapter and adapter['AdapterID']}"
+                f"|outputs {OUTPUT_SET}")
         rec = {"ModelID": self.id, "ModelKind": self.kind, "ModelPath": str(self.path.resolve()),
                "BaseLLM": self.meta.get("base_llm"), "Quantization": self.quantization, "Device": str(self.device),
                "Seed": cfg.seed, "ModelSettingsHash": hashlib.sha256(blob.encode()).hexdigest()[:12]}
@@ -166,10 +173,10 @@ def prepare_run(model: LoadedModel, run: Run, atlas: str, writer: DerivativesWri
     if model.api is not None:
         prepared = model.api.prepare((ts, coords))
         prepared.source = str(ts_path)
-        item.update(prepared=prepared, ids=prepared.ids, run_emb=prepared.run_emb)
+        item.update(prepared=prepared, ids=prepared.ids, run_emb=prepared.run_emb, features=prepared.feats)
     else:
         res = model.tokenizer.tokenize(ts, coords, source=ts_path)
-        item.update(ids=res["ids"], run_emb=res["embedding"])
+        item.update(ids=res["ids"], run_emb=res["embedding"], features=res["features"])
     return item
 
 
@@ -219,6 +226,8 @@ def write_run_outputs(model: LoadedModel, item: dict[str, Any], writer: Derivati
     tok_path = writer.path(run, "tokens", ".tsv.gz", atlas=atlas, desc="fmrilm")
     write_tsv(tok_path, pd.DataFrame(ids, columns=item["columns"]))
     written.append(tok_path)
+    if item.get("features") is not None:
+        written += _write_encoder(model, item, writer, base)
     if model.api is not None:
         written += _write_fmrilm(model, item, writer, base)
     marker = _marker(writer, run, atlas)
@@ -238,6 +247,28 @@ def write_run_outputs(model: LoadedModel, item: dict[str, Any], writer: Derivati
         if rel not in keep and ".." not in rel:
             (writer.root / rel).unlink(missing_ok=True)
     return written + [marker]
+
+
+def _write_encoder(model: LoadedModel, item: dict[str, Any], writer: DerivativesWriter,
+                   base: dict[str, Any]) -> list[Path]:
+    """The encoder's run representation: one row per region, its continuous features averaged
+    over the run's windows (weighted by their real volumes)."""
+    from ..tokenizer import Tokenizer
+
+    feats = np.asarray(item["features"])
+    lengths = model.tokenizer.patch_lengths(int(item["n_volumes"]))[: len(feats)]
+    rep = Tokenizer.run_representation(feats, lengths).reshape(feats.shape[1], feats.shape[2])
+    cols = [f"f{i:02d}" for i in range(rep.shape[1])]
+    p = writer.path(item["run"], "features", ".tsv.gz", atlas=item["atlas"], desc="encoder")
+    write_tsv(p, pd.DataFrame(rep, columns=cols).round(6).assign(region=item["columns"])[["region", *cols]])
+    write_json(_sidecar(p, ".tsv.gz"), {
+        "Description": "Tokenizer encoder's run representation: each region's continuous encoder features "
+                       "(before quantisation) averaged over the run's windows, weighted by their real volumes. "
+                       "Flattened region by region it is what information gate 1 and the group level's "
+                       "encoder probe read",
+        "region": {"Description": "ROI name (a column of the ROI time series)"},
+        "Columns": cols, "WindowsUsed": int(len(feats)), **base})
+    return [p, _sidecar(p, ".tsv.gz")]
 
 
 def _sidecar(p: Path, ext: str) -> Path:

@@ -19,7 +19,8 @@ from ..bids.writer import read_json
 from .participant import CSS, _fig_to_svg, _plt, _table, _write_if_changed
 
 METHOD_NAMES = {"chance": "chance (training-fold prior)", "fc_linear": "linear model on FC",
-                "fmrilm_zeroshot": "fMRI-LM zero-shot", "fmrilm_embedding_probe": "linear probe on fMRI-LM embeddings"}
+                "fmrilm_zeroshot": "fMRI-LM zero-shot", "fmrilm_embedding_probe": "linear probe on fMRI-LM embeddings",
+                "fmrilm_encoder_probe": "linear probe on the fMRI-LM encoder's run representation"}
 
 
 def method_name(m: str) -> str:
@@ -93,7 +94,7 @@ def learning_curve_figure(curve: pd.DataFrame, metrics: pd.DataFrame, metric: st
     ax.errorbar(x, c["value"], yerr=[c["value"] - c["ci_low"], c["ci_high"] - c["value"]], fmt="o-", capsize=3,
                 label="fMRI-LM few-shot LoRA")
     ax.set_xticks(x, [f"K={k}\n({n:.0f} part.)" for k, n in zip(c["shots"], c["training_participants"])], fontsize=7)
-    styles = {"fc_linear": "--", "fmrilm_zeroshot": ":", "fmrilm_embedding_probe": "-.", "chance": (0, (1, 3))}
+    styles = {"fc_linear": "--", "fmrilm_zeroshot": ":", "fmrilm_embedding_probe": "-.", "fmrilm_encoder_probe": (0, (5, 1)), "chance": (0, (1, 3))}
     for m, ls in styles.items():
         row = metrics[(metrics["method"] == m) & (metrics["metric"] == metric)]
         if len(row) and np.isfinite(row["value"].iloc[0]):

@@ -583,6 +583,11 @@ def test_participant_level_writes_model_outputs(trained, tmp_path):
     assert enc["region"].tolist() == list(ts.columns) and enc.shape[1] > 2
     group_view = encoder_participants(read_token_runs(out, ["01"], model, meta), ["01"])[0]
     np.testing.assert_allclose(enc.drop(columns="region").to_numpy().reshape(-1), group_view, rtol=1e-5, atol=1e-5)
+    from bids_fmrilm.model.api import FMRILMModel
+
+    series = next(out.glob("sub-01/func/*_timeseries.tsv.gz"))
+    np.testing.assert_allclose(FMRILMModel.load(model, device="cpu").encode(series),
+                               enc.drop(columns="region").to_numpy(), rtol=1e-5, atol=1e-5)
     # same seed, same outputs (JSON sidecars carry paths; compare the data files)
     for pattern in ("sub-*/func/*_tokens.tsv.gz", "sub-*/func/*_predictions.tsv", "sub-*/func/*_embedding.tsv.gz",
                     "sub-*/func/*_forecast.tsv.gz"):

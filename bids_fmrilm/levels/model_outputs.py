@@ -253,11 +253,8 @@ def _write_encoder(model: LoadedModel, item: dict[str, Any], writer: Derivatives
                    base: dict[str, Any]) -> list[Path]:
     """The encoder's run representation: one row per region, its continuous features averaged
     over the run's windows (weighted by their real volumes)."""
-    from ..tokenizer import Tokenizer
-
-    feats = np.asarray(item["features"])
-    lengths = model.tokenizer.patch_lengths(int(item["n_volumes"]))[: len(feats)]
-    rep = Tokenizer.run_representation(feats, lengths).reshape(feats.shape[1], feats.shape[2])
+    feats = item["features"]
+    rep = model.tokenizer.region_representation(feats, item["n_volumes"])
     cols = [f"f{i:02d}" for i in range(rep.shape[1])]
     p = writer.path(item["run"], "features", ".tsv.gz", atlas=item["atlas"], desc="encoder")
     write_tsv(p, pd.DataFrame(rep, columns=cols).round(6).assign(region=item["columns"])[["region", *cols]])

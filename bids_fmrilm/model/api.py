@@ -143,6 +143,16 @@ class FMRILMModel:
 
         return embed_blocks(self.fm, [self.block(self.prepare(run))])[0]
 
+    def encode(self, run: Any) -> np.ndarray:
+        """The encoder's run representation (R, code_dim): each region's continuous tokenizer
+        features averaged over the run's windows (weighted by their real volumes), as the
+        participant level writes it (``*_desc-encoder_features.tsv.gz``). Flattened, it is the
+        linear feature that carries diagnosis on new sites (information gate 1)."""
+        p = self.prepare(run)
+        if p.feats is None or p.scaled is None:
+            raise UsageError("this run was read back from tokens alone; pass its *_timeseries.tsv[.gz] path")
+        return self.tokenizer.region_representation(p.feats, len(p.scaled))
+
     def describe(self, run: Any, max_new_tokens: int = 96, guided: bool = True) -> str:
         """Generated descriptor-style text for a run (greedy, deterministic).
 

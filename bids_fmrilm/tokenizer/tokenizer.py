@@ -105,6 +105,12 @@ class Tokenizer:
         """:meth:`run_representation` of a robust-scaled run ``ts`` (T,R): (R * code_dim,)."""
         return self.run_representation(self.features(ts, coords, source), self.patch_lengths(len(ts)))
 
+    def region_representation(self, features: np.ndarray, n_volumes: int) -> np.ndarray:
+        """:meth:`run_representation` of a run of ``n_volumes`` this tokenizer encoded into
+        ``features`` (n_patches, R, code_dim), one row per region: (R, code_dim)."""
+        f = np.asarray(features, dtype=np.float32)
+        return self.run_representation(f, self.patch_lengths(int(n_volumes))[: len(f)]).reshape(f.shape[1:])
+
     @staticmethod
     def run_representation(features: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
         """A run's representation for linear probes: its encoder features averaged over patches

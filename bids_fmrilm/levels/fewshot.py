@@ -332,7 +332,7 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
     fused = applies(cal, prompt.task.answers)
     answer_index = {a: k for k, a in enumerate(prompt.task.answers)}
     recal = None
-    if settings.recalibrate and (fused or getattr(fm, "readout", None) is not None):
+    if settings.recalibrate and (fused or fm.readout is not None):
         # before any step: the scores are those of the checkpoint, on unseen runs. A label the
         # checkpoint has no calibration for starts from the identity; a fit (or a readout probe)
         # that beats it makes the calibrated answer the objective

@@ -379,7 +379,6 @@ def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], p
         for train, test in splits:
             out[test] = apply(fit(train, ridge), test)
         held[str(ridge)] = out
-    losses = {c: balanced_log_loss(v, y) for c, v in held.items()}
     margins: dict[str, list[float]] = {}
     if readouts is not None:
         R = np.asarray(readouts, np.float64)
@@ -396,8 +395,10 @@ def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], p
                     break
                 out[test] = apply_calibration_matrix(proba[test], cal, evidence_matrix(cal["evidence"], R[test], names))
             else:
-                losses[f"probe:{C:g}"] = balanced_log_loss(out, y)
                 held[f"probe:{C:g}"] = out
+    cv_loss = {c: balanced_log_loss(v, y) for c, v in held.items()}
+    losses = dict(cv_loss)  # the eligible candidates
+    if any(c.startswith("probe:") for c in held):
         # a probe has a hundred weights where the other candidates have a few: it must beat the
         # best of them by more than one standard error of the participants' paired losses
         base = min((c for c in held if not c.startswith("probe:")), key=lambda c: (losses[c], c != "checkpoint"))
@@ -407,7 +408,7 @@ def refit_calibration(proba: np.ndarray, y: np.ndarray, groups: Sequence[str], p
             if mean + se >= 0:
                 del losses[c]
     chosen = min(losses, key=lambda c: (losses[c], c != "checkpoint"))
-    report = {"cv_loss": {c: round(balanced_log_loss(v, y), 5) for c, v in held.items()}, "chosen": chosen,
+    report = {"cv_loss": {c: round(v, 5) for c, v in cv_loss.items()}, "chosen": chosen,
               "folds": k, **({"probe_margin": margins} if margins else {})}
     if chosen == "checkpoint":
         return kept, report

@@ -103,7 +103,7 @@ class Tokenizer:
 
     def represent_run(self, ts: np.ndarray, coords: np.ndarray, source: str | os.PathLike | None = None) -> np.ndarray:
         """:meth:`run_representation` of a robust-scaled run ``ts`` (T,R): (R * code_dim,)."""
-        return self.run_representation(self.features(ts, coords, source), self.patch_lengths(len(ts)))
+        return self.region_representation(self.features(ts, coords, source), len(ts)).reshape(-1)
 
     def region_representation(self, features: np.ndarray, n_volumes: int) -> np.ndarray:
         """:meth:`run_representation` of a run of ``n_volumes`` this tokenizer encoded into

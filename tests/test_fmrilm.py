@@ -1029,3 +1029,42 @@ def test_encoder_probe_reads_the_tokenizers_run_representation():
     assert not np.allclose(r1, a1.feats.mean(0).reshape(-1))  # the short last window counts less
     b1.feats = None
     assert encoder_participants({"a": [a1, a2], "b": [b1]}, ["b", "a"]) is None
+
+
+def test_alignment_loss_trains_the_run_embedding_to_predict_the_readout(trained, tmp_path):
+    """``w_align``: the loss reads the run embedding the participant level writes (mean final hidden
+    state over the fMRI positions), reaches LoRA and the projector, and travels with the checkpoint."""
+    import torch.nn.functional as F
+
+    from bids_fmrilm.model import FMRILMModel
+    from bids_fmrilm.model.checkpoint import load_checkpoint
+    from bids_fmrilm.model.inference import describe_segments, embed_blocks
+    from bids_fmrilm.model.adapters import lora_parameters
+    from bids_fmrilm.training.lm import train_stage
+
+    root = trained["root"]
+    kw = {**trained["kw"], "n_describe": 0, "evaluate": False}
+    train_stage("pretrain", trained["corpus"], root / "data", tmp_path / "pre", root / "tok", w_align=1.0, **kw)
+    rec = [r for r in _log(tmp_path / "pre" / "metrics.jsonl") if "step" in r]
+    assert rec and all(np.isfinite(r["align"]) and r["align"] > 0 for r in rec)
+    api = FMRILMModel.load(tmp_path / "pre" / "model", device="cpu")
+    assert api.fm.cfg.w_align == 1.0 and api.fm.projector.align.out_features == api.fm.readout.dim
+    runs = sorted((root / "data").glob("sub-*/func/*_timeseries.tsv.gz"))[:3]
+    blocks = [api.block(api.prepare(r)) for r in runs]
+
+    fm, _, _, _ = load_checkpoint(tmp_path / "pre" / "model", device="cpu", trainable=True)
+    fm.eval()
+    examples = [describe_segments(i) for i in range(len(blocks))]
+    out = fm(examples, blocks, ["describe"] * len(blocks), {}, 0.0)
+    assert set(out) == {"align", "loss"} and float(out["loss"].detach()) == pytest.approx(float(out["align"].detach()))
+    # the same value from the written embedding: what the loss aligns is the participant output
+    emb = torch.from_numpy(embed_blocks(fm, blocks))
+    assert np.allclose(emb.numpy(), np.stack([api.embed(r) for r in runs]), atol=1e-5)
+    target = torch.stack([b.readout for b in blocks]).float()
+    with torch.no_grad():
+        assert float(F.mse_loss(fm.projector.align(emb), target)) == pytest.approx(float(out["align"].detach()), rel=1e-4)
+    assert "align" not in fm(examples, blocks, ["describe"] * len(blocks), {}, 0.0, align_weight=0.0)  # few-shot
+    out["loss"].backward()
+    assert fm.projector.align.weight.grad.abs().sum() > 0
+    assert fm.projector.code_in.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(fm.llm))

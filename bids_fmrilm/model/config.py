@@ -28,6 +28,7 @@ class FMRILMConfig:
     readout: bool = True  # one more position: the run readout (model/readout.py), fitted at stage 2
     readout_components: int = 16  # whitened principal components of the run vector in the readout
     readout_layers: int = 4  # stage 3 adds the readout to the residual stream of this many top layers
+    w_align: float = 0.0  # the fMRI positions' mean final hidden state (the run embedding) must predict the readout
     calibration_runs: int = 256  # training runs the stage-3 answer calibration is fitted on (0: none)
     head_dim: int = 128  # fMRI head width
     # --- LoRA (PEFT) on attention and MLP projections
@@ -81,13 +82,15 @@ CONFIGS: dict[str, FMRILMConfig] = {
                          warmup_steps=1, pretrain_steps=6, instruct_steps=6, log_every=2, checkpoint_every=3,
                          readout_layers=1, calibration_runs=16, descriptor_questions=("fc_within.mean", "graph.modularity")),
     # 32 learned queries per 160-volume window read the region features (runs up to 3 windows),
-    # one position the run readout; the packaged default's step counts (about 100 min on 2 cores)
+    # one position the run readout; the packaged default's step counts (about 100 min on 2 cores);
+    # the run embedding aligned with the readout (held-out embedding probe, 60 stage-2 steps:
+    # diagnosis 0.50 -> 0.62; README, "Run-embedding alignment")
     "cpu": FMRILMConfig(fmri_input="features", slots_per_patch=32, max_patches=3, pretrain_steps=150,
-                        instruct_steps=150, checkpoint_every=25),
+                        instruct_steps=150, checkpoint_every=25, w_align=1.0),
     "paper": FMRILMConfig(name="paper", fmri_input="features", slots_per_patch=64, max_patches=4, proj_dim=512, head_dim=512, lora_r=64,
                           lora_alpha=128, max_text_tokens=384, batch_size=32, lr=2e-4, lr_new=5e-4,
                           warmup_steps=500, pretrain_steps=20_000, instruct_steps=10_000, log_every=50,
-                          checkpoint_every=1000, gradient_checkpointing=True),
+                          checkpoint_every=1000, gradient_checkpointing=True, w_align=1.0),
 }
 
 

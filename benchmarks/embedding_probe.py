@@ -43,9 +43,8 @@ def _features(checkpoint, output_dir, pids) -> tuple[list[str], dict[str, np.nda
             with fm.conditioned(built):
                 o = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos,
                              output_hidden_states=True)
-            _, s, e = built["spans"][0]
-            emb.append(o.last_hidden_state[0, s:e].float().mean(0).numpy())
-            l0.append(o.hidden_states[0][0, s:e].float().mean(0).numpy())
+            emb.append(fm.run_embeddings(o.last_hidden_state, built)[0].numpy())
+            l0.append(fm.run_embeddings(o.hidden_states[0], built)[0].numpy())
     return keep, {"embedding": np.stack(emb), "llm_input": np.stack(l0), "id": meta.get("id")}
 
 

@@ -333,6 +333,14 @@ class FMRILM(nn.Module):
             out = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos)
         return out.last_hidden_state  # (B,L,H), after the final norm
 
+    @staticmethod
+    def run_embeddings(h: torch.Tensor, built: dict) -> torch.Tensor:
+        """Run embeddings (n_blocks, H), in ``built["spans"]`` order: the mean final hidden state
+        over each fMRI block's positions (what the participant level writes, and what ``w_align`` aligns)."""
+        if not built["spans"]:
+            return h.new_zeros((0, h.shape[-1]), dtype=torch.float32)
+        return torch.stack([h[b, s:e].float().mean(0) for b, s, e in built["spans"]])
+
     def text_logprobs(self, h: torch.Tensor, targets: list[tuple]) -> torch.Tensor:
         """Log-probability of each target token (only target positions go through the LM head)."""
         if not targets:
@@ -392,13 +400,11 @@ class FMRILM(nn.Module):
             total = total + fmri_weight * losses["fmri"]
         align_weight = self.cfg.w_align if align_weight is None else align_weight
         if align_weight > 0 and hasattr(self.projector, "align"):
-            pred, tgt = [], []
-            for (b, j, _, _), (_, s, e) in zip(built["fmri"], built["spans"]):
-                if blocks[j].readout is not None:
-                    pred.append(h[b, s:e].float().mean(0))
-                    tgt.append(blocks[j].readout.to(h.device).float())
-            if pred:
-                losses["align"] = F.mse_loss(self.projector.align(torch.stack(pred)), torch.stack(tgt))
+            keep = [i for i, (_, j, _, _) in enumerate(built["fmri"]) if blocks[j].readout is not None]
+            if keep:
+                pred = self.projector.align(self.run_embeddings(h, built)[keep])
+                tgt = torch.stack([blocks[built["fmri"][i][1]].readout for i in keep]).to(h.device).float()
+                losses["align"] = F.mse_loss(pred, tgt)
                 total = total + align_weight * losses["align"]
         losses["loss"] = total
         return losses

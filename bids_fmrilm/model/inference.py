@@ -114,10 +114,8 @@ def embed_blocks(fm: FMRILM, blocks: Sequence[FMRIBlock], batch_size: int = 16) 
     out = []
     for chunk in _chunks(len(blocks), batch_size):
         built = fm.build([describe_segments(i) for i in chunk], list(blocks))
-        h = fm.hidden(built).float()
-        for b, s, e in built["spans"]:
-            out.append(h[b, s:e].mean(0).cpu().numpy())
-    return np.stack(out).astype(np.float32) if out else np.zeros((0, fm.llm.config.hidden_size), np.float32)
+        out.append(fm.run_embeddings(fm.hidden(built), built).cpu().numpy())
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, fm.llm.config.hidden_size), np.float32)
 
 
 @torch.no_grad()

@@ -1,7 +1,7 @@
 """How much of a label the fMRI-LM's run embedding keeps, on participants no checkpoint trained on.
 
     python benchmarks/embedding_probe.py PARTICIPANT_OUT PARTICIPANTS_TSV CHECKPOINT [CHECKPOINT ...]
-        [--labels diagnosis,sex] [--group site] [--only LABELS_FILE] [--n-boot 2000]
+        [--labels diagnosis,sex] [--group site] [--only LABELS_FILE] [--n-boot 2000] [--layers]
 
 For each checkpoint: the run embedding the participant level writes (mean final hidden state over
 the fMRI positions) and the LLM's input at those positions (layer 0, averaged) of every run in
@@ -11,7 +11,11 @@ level's pipeline (standardise, PCA, logistic regression with inner CV) across fo
 interval. FC logistic regression on the same folds is the baseline. With several checkpoints the
 first is the reference: the paired difference of each other checkpoint's embedding probe
 (participants resampled within fold) is printed beside it. ``--only`` keeps the participant labels
-listed in a file (one per line, without ``sub-``), e.g. held-out sites. Prints one JSON object.
+listed in a file (one per line, without ``sub-``), e.g. held-out sites. ``--layers`` adds the
+probe of the span mean after every decoder layer (where the LLM loses or gains the signal) and,
+for a checkpoint with a run readout, of the hidden state at the readout's position, and
+every checkpoint reports how large its fMRI input positions are against the LLM's word embeddings
+(``fmri_to_word_norm``; the LLM was pretrained on inputs of ratio about 1). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import sys
 import numpy as np
 
 
-def _features(checkpoint, output_dir, pids) -> tuple[list[str], dict[str, np.ndarray]]:
+def _features(checkpoint, output_dir, pids, layers: bool = False) -> tuple[list[str], dict]:
     import torch
 
     from bids_fmrilm.levels.fewshot import read_token_runs
@@ -35,7 +39,8 @@ def _features(checkpoint, output_dir, pids) -> tuple[list[str], dict[str, np.nda
     model = FMRILMModel.load(checkpoint, verify=False)
     fm = model.fm.eval()
     backbone, _ = fm._backbone()
-    emb, l0 = [], []
+    emb, l0, by_layer, at_readout, norms = [], [], [], [], []
+    word = float(fm.llm.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
     with torch.no_grad():
         for p in keep:
             built = fm.build([describe_segments(0)], [model.block(runs[p][0])])
@@ -45,11 +50,23 @@ def _features(checkpoint, output_dir, pids) -> tuple[list[str], dict[str, np.nda
                              output_hidden_states=True)
             emb.append(fm.run_embeddings(o.last_hidden_state, built)[0].numpy())
             l0.append(fm.run_embeddings(o.hidden_states[0], built)[0].numpy())
-    return keep, {"embedding": np.stack(emb), "llm_input": np.stack(l0), "id": meta.get("id")}
+            b, s, e = built["spans"][0]
+            norms.append(float(built["embeds"][b, s - 1:e + 1].float().norm(dim=-1).mean()))  # with the markers
+            if layers:
+                by_layer.append([fm.run_embeddings(h, built)[0].numpy() for h in o.hidden_states[1:-1]])
+                if fm.readout is not None:  # the readout's position: just before </fmri>
+                    at_readout.append([h[b, e - 1].float().numpy() for h in o.hidden_states[:-1]])
+    f = {"embedding": np.stack(emb), "llm_input": np.stack(l0), "id": meta.get("id"),
+         "fmri_to_word_norm": round(float(np.mean(norms)) / word, 2)}
+    if layers:  # hidden_states[1:-1]: after decoder layers 1 .. n-1 (the last is the embedding itself)
+        f["layers"] = np.stack(by_layer)  # (runs, layers, H)
+        if at_readout:
+            f["readout_position"] = np.stack(at_readout)  # (runs, layers from 0 = the LLM's input, H)
+    return keep, f
 
 
 def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=("diagnosis", "sex"),
-         group: str = "site", only: str | None = None, n_boot: int = 2000) -> dict:
+         group: str = "site", only: str | None = None, n_boot: int = 2000, layers: bool = False) -> dict:
     from pathlib import Path
 
     import pandas as pd
@@ -64,7 +81,7 @@ def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=
         pids = [p for p in pids if p in wanted]
     feats = {}
     for ck in map(Path, checkpoints):
-        keep, f = _features(ck, Path(output_dir), pids)
+        keep, f = _features(ck, Path(output_dir), pids, layers)
         pids = [p for p in pids if p in set(keep)]
         feats[str(ck)] = (keep, f)
     series = {p: sorted(Path(output_dir).glob(f"sub-{p}/**/func/*_timeseries.tsv.gz")) for p in pids}
@@ -90,12 +107,22 @@ def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=
         scores = {}
         for ck, (keep, f) in feats.items():
             rows = [keep.index(p) for p in use]
-            res = out["checkpoints"].setdefault(ck, {"id": f["id"]})
+            res = out["checkpoints"].setdefault(ck, {"id": f["id"], "fmri_to_word_norm": f["fmri_to_word_norm"]})
             for kind in ("embedding", "llm_input"):
                 oof, (auc, ci) = probe(f[kind][rows])
                 res.setdefault(label, {})[kind] = {"auroc_within_fold": round(auc, 3), "ci": np.round(ci, 3).tolist()}
                 if kind == "embedding":
                     scores[ck] = oof[:, 1]
+            def auc_only(x):
+                return round(within_fold_auroc(y, out_of_fold(lambda yt: linear_baseline("classification", yt, 0),
+                                                              x, y, folds, classes), classes, folds, n_boot=0)[0], 3)
+
+            if "layers" in f:  # the written embedding is the last layer's; these are the ones before it
+                res[label]["by_layer"] = {str(li + 1): auc_only(f["layers"][rows, li])
+                                          for li in range(f["layers"].shape[1])}
+            if "readout_position" in f:
+                res[label]["readout_position_by_layer"] = {str(li): auc_only(f["readout_position"][rows, li])
+                                                           for li in range(f["readout_position"].shape[1])}
         ref = checkpoints[0]
         rng = np.random.default_rng(0)
         idx = [[t[rng.integers(0, len(t), len(t))] for t in tests] for _ in range(n_boot)]
@@ -122,7 +149,9 @@ if __name__ == "__main__":
     ap.add_argument("--group", default="site")
     ap.add_argument("--only", default=None)
     ap.add_argument("--n-boot", type=int, default=2000)
+    ap.add_argument("--layers", action="store_true")
     a = ap.parse_args()
-    json.dump(main(a.output_dir, a.participants_tsv, a.checkpoints, a.labels.split(","), a.group, a.only, a.n_boot),
+    json.dump(main(a.output_dir, a.participants_tsv, a.checkpoints, a.labels.split(","), a.group, a.only, a.n_boot,
+                   a.layers),
               sys.stdout, indent=2)
     print()

@@ -707,6 +707,33 @@ def test_cpu_preset_is_the_packaged_default_design():
     assert get_config("cpu", w_align=1.0).w_align == 1.0  # the opt-in still reaches the config
 
 
+@pytest.mark.parametrize("scale", ["word", "legacy"])
+def test_fmri_positions_are_as_large_as_the_word_embeddings(tiny_llm_dir, scale):
+    """``fmri_scale="word"``: the slots, the run summary and the markers enter the LLM with the mean
+    word-embedding norm; ``"legacy"`` (checkpoints without the field) keeps them sqrt(hidden) times
+    larger, as the packaged default was trained."""
+    from transformers import AutoModelForCausalLM
+
+    from bids_fmrilm.model.config import FMRILMConfig, get_config
+    from bids_fmrilm.model.fmrilm import FMRILM
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    H = llm.config.hidden_size
+    word = float(llm.get_input_embeddings().weight.detach().norm(dim=1).pow(2).mean().sqrt())
+    torch.manual_seed(0)
+    fm = FMRILM(llm, None, torch.randn(16, 8), roi_dim=6, run_dim=5, cfg=get_config("tiny", fmri_scale=scale))
+    with torch.no_grad():
+        v = fm.projector(torch.randn(2, 10, 8), torch.randn(10, 6), torch.randn(5))
+    assert v.shape == (2 + 2 * fm.cfg.slots_per_patch + 1, H)  # two markers, the slots, the summary
+    expected = word * (1.0 if scale == "word" else H ** 0.5)
+    assert torch.allclose(v[1:-1].norm(dim=1), torch.full((v.shape[0] - 2,), expected), rtol=1e-3)
+    assert 0.5 * expected < float(v[[0, -1]].norm(dim=1).mean()) < 1.5 * expected
+    assert FMRILMConfig.from_dict({}).fmri_scale == "legacy"
+    assert get_config("cpu").fmri_scale == "legacy" and get_config("paper").fmri_scale == "word"
+    with pytest.raises(ValueError, match="fmri_scale"):
+        FMRILM(llm, None, torch.randn(16, 8), 6, 5, get_config("tiny", fmri_scale="huge"))
+
+
 def test_group_level_few_shot_lora(trained, tmp_path):
     """Group level with an fMRI-LM: zero-shot (equal to the participant level's predictions), embedding
     probe, few-shot LoRA per K, learning curve, final adapter usable with participant --adapter,

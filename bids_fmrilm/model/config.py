@@ -25,6 +25,9 @@ class FMRILMConfig:
     slots_per_patch: int = 1  # LLM positions per time patch (attention pooling over ROIs)
     max_patches: int = 12  # longer runs: the last max_patches patches (forecast) or a crop (training)
     proj_dim: int = 128  # projector width before the LLM hidden size
+    # size of the fMRI positions and markers: "word", the LLM's mean word-embedding norm; "legacy",
+    # sqrt(hidden) times that (checkpoints before 2026-12-07: 24x the word embeddings of SmolLM2)
+    fmri_scale: str = "legacy"
     readout: bool = True  # one more position: the run readout (model/readout.py), fitted at stage 2
     readout_components: int = 16  # whitened principal components of the run vector in the readout
     readout_layers: int = 4  # stage 3 adds the readout to the residual stream of this many top layers
@@ -88,7 +91,10 @@ CONFIGS: dict[str, FMRILMConfig] = {
     # alignment"); --set w_align=1 turns it on
     "cpu": FMRILMConfig(fmri_input="features", slots_per_patch=32, max_patches=3, pretrain_steps=150,
                         instruct_steps=150, checkpoint_every=25),
-    "paper": FMRILMConfig(name="paper", fmri_input="features", slots_per_patch=64, max_patches=4, proj_dim=512, head_dim=512, lora_r=64,
+    # fmri_scale: the cpu preset keeps the packaged default's "legacy" size (README, "The size of the
+    # fMRI positions"); paper trains at the word embeddings' size (--set fmri_scale=word for cpu)
+    "paper": FMRILMConfig(name="paper", fmri_input="features", fmri_scale="word", slots_per_patch=64, max_patches=4,
+                          proj_dim=512, head_dim=512, lora_r=64,
                           lora_alpha=128, max_text_tokens=384, batch_size=32, lr=2e-4, lr_new=5e-4,
                           warmup_steps=500, pretrain_steps=20_000, instruct_steps=10_000, log_every=50,
                           checkpoint_every=1000, gradient_checkpointing=True),

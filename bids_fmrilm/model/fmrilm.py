@@ -64,7 +64,7 @@ def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None, feat
 class Projector(nn.Module):
     """Code vectors of a patch's ROIs -> ``M`` LLM positions (attention pooling over ROIs)."""
 
-    def __init__(self, code_dim: int, roi_dim: int, run_dim: int, hidden: int, cfg: FMRILMConfig, emb_rms: float,
+    def __init__(self, code_dim: int, roi_dim: int, run_dim: int, hidden: int, cfg: FMRILMConfig, emb_norm: float,
                  readout_dim: int = 0):
         super().__init__()
         P, M = cfg.proj_dim, cfg.slots_per_patch
@@ -86,9 +86,14 @@ class Projector(nn.Module):
             # alignment head: run embedding (mean final hidden state over the fMRI block) -> readout
             self.align = nn.Linear(hidden, readout_dim)
         self.adapter = nn.ModuleList()  # readout -> residual stream of the top LLM layers (stage 3)
-        self.markers = nn.Parameter(torch.randn(2, hidden) * emb_rms)  # <fmri>, </fmri>
+        if cfg.fmri_scale not in ("word", "legacy"):
+            raise ValueError(f"fmri_scale must be 'word' or 'legacy', not {cfg.fmri_scale!r}")
+        # a normalised vector has norm sqrt(hidden): "word" divides it out, so that the slots, the
+        # summary and the markers are as large as the word embeddings around them
+        self.unit = 1.0 / math.sqrt(hidden) if cfg.fmri_scale == "word" else 1.0
+        self.markers = nn.Parameter(torch.randn(2, hidden) * emb_norm * self.unit)  # <fmri>, </fmri>
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
-        self.scale = nn.Parameter(torch.tensor(float(emb_rms)))  # match the word embeddings' size
+        self.scale = nn.Parameter(torch.tensor(float(emb_norm)))  # learned; starts at the word embeddings' norm
 
     def forward(self, codes: torch.Tensor, roi: torch.Tensor, run_emb: torch.Tensor,
                 readout: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,8 +105,8 @@ class Projector(nn.Module):
             k = self.code_in(codes) + self.roi_in(roi)[None]  # (n,R,P)
             att = torch.softmax(torch.einsum("nrp,mp->nmr", k, self.queries) / math.sqrt(k.shape[-1]), dim=-1)
             slots = torch.einsum("nmr,nrp->nmp", att, k) + self.slot_pos  # (n,M,P)
-            parts.append(self.scale * self.norm(self.out(slots)).reshape(-1, H))
-        parts.append(self.scale * self.norm(self.summary(run_emb[None])))
+            parts.append(self.scale * self.unit * self.norm(self.out(slots)).reshape(-1, H))
+        parts.append(self.scale * self.unit * self.norm(self.summary(run_emb[None])))
         if hasattr(self, "readout_in"):
             if readout is None:
                 raise ValueError("this fMRI-LM reads a run readout; the block has none")
@@ -155,10 +160,10 @@ class FMRILM(nn.Module):
         self.cfg, self.llm, self.text_tokenizer = cfg, llm, text_tokenizer
         H = llm.config.hidden_size
         wemb = llm.get_input_embeddings().weight
-        emb_rms = float(wemb.detach().float().pow(2).mean().sqrt()) * math.sqrt(H)
+        emb_norm = float(wemb.detach().float().pow(2).mean().sqrt()) * math.sqrt(H)  # a word embedding's norm (RMS)
         self.register_buffer("codebook", codebook.detach().float().clone(), persistent=False)
         self.readout = readout  # model.readout.Readout (frozen) or None
-        self.projector = Projector(codebook.shape[1], roi_dim, run_dim, H, cfg, emb_rms,
+        self.projector = Projector(codebook.shape[1], roi_dim, run_dim, H, cfg, emb_norm,
                                    readout_dim=0 if readout is None else readout.dim)
         self.fmri_head = FMRIHead(H, roi_dim, codebook.shape[1], cfg, codebook.shape[0])
         self.calibration: dict[str, dict] = {}  # task name -> zero-shot answer calibration (model/calibration.py)

@@ -96,9 +96,9 @@ def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=
         classes = lab.classes
         folds = make_folds(lab, use, 5, 0)  # the group level's folds (--cv-group GROUP, seed 0)
 
-        def probe(x):
+        def probe(x, boot=n_boot):
             oof = out_of_fold(lambda yt: linear_baseline("classification", yt, 0), x, y, folds, classes)
-            return oof, within_fold_auroc(y, oof, classes, folds, n_boot=n_boot)
+            return oof, within_fold_auroc(y, oof, classes, folds, n_boot=boot)
 
         _, (auc, ci) = probe(fc)
         out.setdefault("fc_logistic", {})[label] = {"auroc_within_fold": round(auc, 3), "ci": np.round(ci, 3).tolist()}
@@ -113,16 +113,14 @@ def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=
                 res.setdefault(label, {})[kind] = {"auroc_within_fold": round(auc, 3), "ci": np.round(ci, 3).tolist()}
                 if kind == "embedding":
                     scores[ck] = oof[:, 1]
-            def auc_only(x):
-                return round(within_fold_auroc(y, out_of_fold(lambda yt: linear_baseline("classification", yt, 0),
-                                                              x, y, folds, classes), classes, folds, n_boot=0)[0], 3)
-
+            # per layer: the AUROC alone (no bootstrap interval)
             if "layers" in f:  # the written embedding is the last layer's; these are the ones before it
-                res[label]["by_layer"] = {str(li + 1): auc_only(f["layers"][rows, li])
+                res[label]["by_layer"] = {str(li + 1): round(probe(f["layers"][rows, li], 0)[1][0], 3)
                                           for li in range(f["layers"].shape[1])}
             if "readout_position" in f:
-                res[label]["readout_position_by_layer"] = {str(li): auc_only(f["readout_position"][rows, li])
-                                                           for li in range(f["readout_position"].shape[1])}
+                res[label]["readout_position_by_layer"] = {
+                    str(li): round(probe(f["readout_position"][rows, li], 0)[1][0], 3)
+                    for li in range(f["readout_position"].shape[1])}
         ref = checkpoints[0]
         rng = np.random.default_rng(0)
         idx = [[t[rng.integers(0, len(t), len(t))] for t in tests] for _ in range(n_boot)]

@@ -734,6 +734,41 @@ def test_fmri_positions_are_as_large_as_the_word_embeddings(tiny_llm_dir, scale)
         FMRILM(llm, None, torch.randn(16, 8), 6, 5, get_config("tiny", fmri_scale="huge"))
 
 
+@pytest.mark.parametrize("pooling", ["softmax", "linear"])
+def test_slot_pooling(tiny_llm_dir, pooling):
+    """``slot_pooling="linear"``: a slot is a linear spatial filter of the regions' features, its
+    signed weights set by the ROI coordinate embeddings alone (slots(a + b) = slots(a) + slots(b) -
+    slots(0) before the output MLP); ``"softmax"`` (checkpoints without the field) is a
+    content-dependent convex average, which is not additive. Both ignore the ROIs' order."""
+    from transformers import AutoModelForCausalLM
+
+    from bids_fmrilm.model.config import FMRILMConfig, get_config
+    from bids_fmrilm.model.fmrilm import FMRILM
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)
+    torch.manual_seed(0)
+    fm = FMRILM(llm, None, torch.randn(16, 8), roi_dim=6, run_dim=5, cfg=get_config("tiny", slot_pooling=pooling))
+    proj = fm.projector
+    captured = []
+    hook = proj.out.register_forward_hook(lambda m, inp, out: captured.append(inp[0].detach()))
+    roi, run = torch.randn(10, 6), torch.randn(5)
+    a, b = torch.randn(2, 10, 8), torch.randn(2, 10, 8)
+    with torch.no_grad():
+        for feats in (a, b, a + b, torch.zeros_like(a)):
+            proj(feats, roi, run)
+        perm = torch.randperm(10)
+        shuffled = proj(a[:, perm], roi[perm], run)
+        same = proj(a, roi, run)
+    hook.remove()
+    sa, sb, sab, s0 = captured[:4]
+    additive = torch.allclose(sab, sa + sb - s0, atol=1e-5)
+    assert additive == (pooling == "linear")
+    assert torch.allclose(shuffled, same, atol=1e-5)
+    assert FMRILMConfig.from_dict({}).slot_pooling == "softmax"
+    with pytest.raises(ValueError, match="slot_pooling"):
+        FMRILM(llm, None, torch.randn(16, 8), 6, 5, get_config("tiny", slot_pooling="max"))
+
+
 def test_group_level_few_shot_lora(trained, tmp_path):
     """Group level with an fMRI-LM: zero-shot (equal to the participant level's predictions), embedding
     probe, few-shot LoRA per K, learning curve, final adapter usable with participant --adapter,

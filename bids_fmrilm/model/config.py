@@ -22,7 +22,11 @@ class FMRILMConfig:
     name: str = "cpu"
     # --- fMRI input to the LLM
     fmri_input: str = "codes"  # "features": the tokenizer's continuous encoder features; "codes": codebook vectors
-    slots_per_patch: int = 1  # LLM positions per time patch (attention pooling over ROIs)
+    slots_per_patch: int = 1  # LLM positions per time patch (pooling over ROIs)
+    # how a slot pools the ROIs: "softmax", a content-dependent convex average (attention); "linear",
+    # signed weights set by each ROI's coordinate embedding alone, so a slot is a linear spatial
+    # filter of the regions' features and region-specific differences are not averaged away
+    slot_pooling: str = "softmax"
     max_patches: int = 12  # longer runs: the last max_patches patches (forecast) or a crop (training)
     proj_dim: int = 128  # projector width before the LLM hidden size
     # size of the fMRI positions and markers: "word", the LLM's mean word-embedding norm; "legacy",

@@ -62,7 +62,8 @@ def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None, feat
 
 
 class Projector(nn.Module):
-    """Code vectors of a patch's ROIs -> ``M`` LLM positions (attention pooling over ROIs)."""
+    """Features (or code vectors) of a patch's ROIs -> ``M`` LLM positions, each pooling the ROIs
+    (``slot_pooling``: a content-dependent softmax average, or a signed linear spatial filter)."""
 
     def __init__(self, code_dim: int, roi_dim: int, run_dim: int, hidden: int, cfg: FMRILMConfig, emb_norm: float,
                  readout_dim: int = 0):
@@ -86,6 +87,9 @@ class Projector(nn.Module):
             # alignment head: run embedding (mean final hidden state over the fMRI block) -> readout
             self.align = nn.Linear(hidden, readout_dim)
         self.adapter = nn.ModuleList()  # readout -> residual stream of the top LLM layers (stage 3)
+        if cfg.slot_pooling not in ("softmax", "linear"):
+            raise ValueError(f"slot_pooling must be 'softmax' or 'linear', not {cfg.slot_pooling!r}")
+        self.linear_pool = cfg.slot_pooling == "linear"
         if cfg.fmri_scale not in ("word", "legacy"):
             raise ValueError(f"fmri_scale must be 'word' or 'legacy', not {cfg.fmri_scale!r}")
         # a normalised vector has norm sqrt(hidden): "word" divides it out, so that the slots, the
@@ -102,9 +106,15 @@ class Projector(nn.Module):
         H = self.markers.shape[1]
         parts = [self.markers[:1]]
         if self.M:
-            k = self.code_in(codes) + self.roi_in(roi)[None]  # (n,R,P)
-            att = torch.softmax(torch.einsum("nrp,mp->nmr", k, self.queries) / math.sqrt(k.shape[-1]), dim=-1)
-            slots = torch.einsum("nmr,nrp->nmp", att, k) + self.slot_pos  # (n,M,P)
+            r, v = self.roi_in(roi), self.code_in(codes)  # (R,P), (n,R,P)
+            if self.linear_pool:  # signed weights from the coordinates alone, variance-preserving over R
+                w = (r @ self.queries.t()).t() / math.sqrt(roi.shape[0])  # (M,R)
+                slots = torch.einsum("mr,nrp->nmp", w, v)
+            else:
+                k = v + r[None]
+                att = torch.softmax(torch.einsum("nrp,mp->nmr", k, self.queries) / math.sqrt(k.shape[-1]), dim=-1)
+                slots = torch.einsum("nmr,nrp->nmp", att, k)
+            slots = slots + self.slot_pos  # (n,M,P)
             parts.append(self.scale * self.unit * self.norm(self.out(slots)).reshape(-1, H))
         parts.append(self.scale * self.unit * self.norm(self.summary(run_emb[None])))
         if hasattr(self, "readout_in"):

@@ -5,7 +5,11 @@
 
 For each checkpoint: the run embedding the participant level writes (mean final hidden state over
 the fMRI positions) and the LLM's input at those positions (layer 0, averaged) of every run in
-PARTICIPANT_OUT (its token files must come from the checkpoints' tokenizer), probed with the group
+PARTICIPANT_OUT (its token files must come from the checkpoints' tokenizer), the final hidden
+state at the prompt's last token (``prompt_last``, after ``</fmri>``) and, for a checkpoint with one
+position per region (``slot_pooling="region"``), each region's LLM input and final hidden state
+averaged over the run's patches and concatenated region by region (``region_input``,
+``region_embedding``), probed with the group
 level's pipeline (standardise, PCA, logistic regression with inner CV) across folds grouped by
 ``--group`` (one fold per group value up to 5), AUROC within each test fold, with a bootstrap
 interval. FC logistic regression on the same folds is the baseline. With several checkpoints the
@@ -39,25 +43,34 @@ def _features(checkpoint, output_dir, pids, layers: bool = False) -> tuple[list[
     model = FMRILMModel.load(checkpoint, verify=False)
     fm = model.fm.eval()
     backbone, _ = fm._backbone()
-    emb, l0, by_layer, at_readout, norms = [], [], [], [], []
+    emb, l0, by_layer, at_readout, norms, last, regions = [], [], [], [], [], [], []
     word = float(fm.llm.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
     with torch.no_grad():
         for p in keep:
-            built = fm.build([describe_segments(0)], [model.block(runs[p][0])])
+            blk = model.block(runs[p][0])
+            built = fm.build([describe_segments(0)], [blk])
             mask, pos = fm.attention(built)
             with fm.conditioned(built):
                 o = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos,
                              output_hidden_states=True)
             emb.append(fm.run_embeddings(o.last_hidden_state, built)[0].numpy())
+            last.append(o.last_hidden_state[0, -1].float().numpy())  # the prompt's last token, after </fmri>
             l0.append(fm.run_embeddings(o.hidden_states[0], built)[0].numpy())
             b, s, e = built["spans"][0]
+            if fm.projector.per_region:  # each region's positions averaged over patches, region by region
+                _, _, first, n = built["fmri"][0]
+                R = blk.roi.shape[0]
+                regions.append([h[b, first:first + n * R].float().reshape(n, R, -1).mean(0).reshape(-1).numpy()
+                                for h in (o.hidden_states[0], o.last_hidden_state)])
             norms.append(float(built["embeds"][b, s - 1:e + 1].float().norm(dim=-1).mean()))  # with the markers
             if layers:
                 by_layer.append([fm.run_embeddings(h, built)[0].numpy() for h in o.hidden_states[1:-1]])
                 if fm.readout is not None:  # the readout's position: just before </fmri>
                     at_readout.append([h[b, e - 1].float().numpy() for h in o.hidden_states[:-1]])
-    f = {"embedding": np.stack(emb), "llm_input": np.stack(l0), "id": meta.get("id"),
+    f = {"embedding": np.stack(emb), "llm_input": np.stack(l0), "prompt_last": np.stack(last), "id": meta.get("id"),
          "fmri_to_word_norm": round(float(np.mean(norms)) / word, 2)}
+    if regions:
+        f["region_input"], f["region_embedding"] = (np.stack([r[i] for r in regions]) for i in (0, 1))
     if layers:  # hidden_states[1:-1]: after decoder layers 1 .. n-1 (the last is the embedding itself)
         f["layers"] = np.stack(by_layer)  # (runs, layers, H)
         if at_readout:
@@ -108,7 +121,9 @@ def main(output_dir: str, participants_tsv: str, checkpoints: list[str], labels=
         for ck, (keep, f) in feats.items():
             rows = [keep.index(p) for p in use]
             res = out["checkpoints"].setdefault(ck, {"id": f["id"], "fmri_to_word_norm": f["fmri_to_word_norm"]})
-            for kind in ("embedding", "llm_input"):
+            for kind in ("embedding", "llm_input", "prompt_last", "region_input", "region_embedding"):
+                if kind not in f:
+                    continue
                 oof, (auc, ci) = probe(f[kind][rows])
                 res.setdefault(label, {})[kind] = {"auroc_within_fold": round(auc, 3), "ci": np.round(ci, 3).tolist()}
                 if kind == "embedding":

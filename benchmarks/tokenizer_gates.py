@@ -1,5 +1,5 @@
 """Information gate 1 for one or more tokenizers, on each one's held-out sites, beside the FC
-baseline of the same split (the ablation of stage-1 designs in the README).
+baseline of the same split (the ablation of stage-1 designs in docs/model-development.md).
 
     python benchmarks/tokenizer_gates.py CORPUS.jsonl SERIES_DIR TOKENIZER_DIR [TOKENIZER_DIR ...]
 

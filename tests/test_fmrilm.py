@@ -769,6 +769,45 @@ def test_slot_pooling(tiny_llm_dir, pooling):
         FMRILM(llm, None, torch.randn(16, 8), 6, 5, get_config("tiny", slot_pooling="max"))
 
 
+def test_region_positions(tiny_llm_dir):
+    """``slot_pooling="region"``: one LLM position per region and patch (as in the paper), each
+    reading only its own region's features and coordinates; the fMRI head reads each patch at its
+    last region's position, and the model trains through it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bids_fmrilm.model.config import get_config
+    from bids_fmrilm.model.fmrilm import FMRILM, FMRIBlock
+    from bids_fmrilm.model.tasks import describe_segments
+
+    llm, tok = AutoModelForCausalLM.from_pretrained(tiny_llm_dir), AutoTokenizer.from_pretrained(tiny_llm_dir)
+    torch.manual_seed(0)
+    fm = FMRILM(llm, tok, torch.randn(16, 8), roi_dim=6, run_dim=5, cfg=get_config("tiny", slot_pooling="region"))
+    proj = fm.projector
+    assert not hasattr(proj, "queries")
+    n, R = 2, 10
+    roi, run, a = torch.randn(R, 6), torch.randn(5), torch.randn(n, R, 8)
+    with torch.no_grad():
+        v = proj(a, roi, run)
+        assert v.shape[0] == 2 + n * R + 1  # markers, n*R region positions, summary
+        b = a.clone()
+        b[1, 3] += 1.0  # patch 1, region 3
+        changed = (proj(b, roi, run) - v).abs().sum(-1) > 1e-6
+        assert changed.nonzero().flatten().tolist() == [1 + 1 * R + 3]
+        perm = torch.randperm(R)
+        shuffled = proj(a[:, perm], roi[perm], run)[1:1 + n * R].reshape(n, R, -1)
+        assert torch.allclose(shuffled, v[1:1 + n * R].reshape(n, R, -1)[:, perm], atol=1e-5)
+    ids = torch.randint(0, 16, (3, R))
+    blk = FMRIBlock(ids=ids, roi=roi, run_emb=run, feats=torch.randn(3, R, 8))
+    fm.train()
+    out = fm([describe_segments(0, "typical")], [blk], ["describe"], {"describe": 1.0}, fmri_weight=1.0)
+    built = fm.build([describe_segments(0)], [blk])
+    assert built["spans"][0][2] - built["spans"][0][1] == 3 * R + 1  # region positions + summary
+    logits = fm.fmri_logits(fm.hidden(built), built, [blk], include_last=True)
+    assert logits[0][1].shape == (3, R, 16)
+    out["loss"].backward()
+    assert proj.code_in.weight.grad.abs().sum() > 0 and proj.roi_in.weight.grad.abs().sum() > 0
+
+
 def test_group_level_few_shot_lora(trained, tmp_path):
     """Group level with an fMRI-LM: zero-shot (equal to the participant level's predictions), embedding
     probe, few-shot LoRA per K, learning curve, final adapter usable with participant --adapter,

@@ -25,7 +25,8 @@ class FMRILMConfig:
     slots_per_patch: int = 1  # LLM positions per time patch (pooling over ROIs)
     # how a slot pools the ROIs: "softmax", a content-dependent convex average (attention); "linear",
     # signed weights set by each ROI's coordinate embedding alone, so a slot is a linear spatial
-    # filter of the regions' features and region-specific differences are not averaged away
+    # filter of the regions' features and region-specific differences are not averaged away;
+    # "region", no pooling: one position per region and patch, as in the paper (slots_per_patch unused)
     slot_pooling: str = "softmax"
     max_patches: int = 12  # longer runs: the last max_patches patches (forecast) or a crop (training)
     proj_dim: int = 128  # projector width before the LLM hidden size
@@ -91,12 +92,12 @@ CONFIGS: dict[str, FMRILMConfig] = {
     # 32 learned queries per 160-volume window read the region features (runs up to 3 windows),
     # one position the run readout; the packaged default's step counts (about 100 min on 2 cores).
     # w_align stays off: it lifted the held-out embedding probe at 60 stage-2 steps, but the full
-    # 150 + 150-step retrain with it lowered it below the packaged default's (README, "Run-embedding
-    # alignment"); --set w_align=1 turns it on
+    # 150 + 150-step retrain with it lowered it below the packaged default's
+    # (docs/model-development.md, "Run-embedding alignment"); --set w_align=1 turns it on
     "cpu": FMRILMConfig(fmri_input="features", slots_per_patch=32, max_patches=3, pretrain_steps=150,
                         instruct_steps=150, checkpoint_every=25),
-    # fmri_scale: the cpu preset keeps the packaged default's "legacy" size (README, "The size of the
-    # fMRI positions"); paper trains at the word embeddings' size (--set fmri_scale=word for cpu)
+    # fmri_scale: the cpu preset keeps the packaged default's "legacy" size (docs/model-development.md,
+    # "The size of the fMRI positions"); paper trains at the word embeddings' size (--set fmri_scale=word for cpu)
     "paper": FMRILMConfig(name="paper", fmri_input="features", fmri_scale="word", slots_per_patch=64, max_patches=4,
                           proj_dim=512, head_dim=512, lora_r=64,
                           lora_alpha=128, max_text_tokens=384, batch_size=32, lr=2e-4, lr_new=5e-4,

@@ -63,7 +63,8 @@ def fmri_block(ids, roi: torch.Tensor, run_emb, max_patches: int, rng=None, feat
 
 class Projector(nn.Module):
     """Features (or code vectors) of a patch's ROIs -> ``M`` LLM positions, each pooling the ROIs
-    (``slot_pooling``: a content-dependent softmax average, or a signed linear spatial filter)."""
+    (``slot_pooling``: a content-dependent softmax average, or a signed linear spatial filter), or
+    one position per ROI (``"region"``)."""
 
     def __init__(self, code_dim: int, roi_dim: int, run_dim: int, hidden: int, cfg: FMRILMConfig, emb_norm: float,
                  readout_dim: int = 0):
@@ -72,8 +73,13 @@ class Projector(nn.Module):
         self.M = M
         self.code_in = nn.Linear(code_dim, P)
         self.roi_in = nn.Linear(roi_dim, P)
-        self.queries = nn.Parameter(torch.randn(M, P) / math.sqrt(P))
-        self.slot_pos = nn.Parameter(torch.zeros(M, P))
+        if cfg.slot_pooling not in ("softmax", "linear", "region"):
+            raise ValueError(f"slot_pooling must be 'softmax', 'linear' or 'region', not {cfg.slot_pooling!r}")
+        self.linear_pool = cfg.slot_pooling == "linear"
+        self.per_region = cfg.slot_pooling == "region"
+        if not self.per_region:
+            self.queries = nn.Parameter(torch.randn(M, P) / math.sqrt(P))
+            self.slot_pos = nn.Parameter(torch.zeros(M, P))
         self.out = nn.Sequential(nn.LayerNorm(P), nn.Linear(P, 2 * P), nn.GELU(), nn.Linear(2 * P, hidden))
         self.summary = nn.Sequential(nn.LayerNorm(run_dim), nn.Linear(run_dim, 2 * P), nn.GELU(), nn.Linear(2 * P, hidden))
         if readout_dim:
@@ -87,9 +93,6 @@ class Projector(nn.Module):
             # alignment head: run embedding (mean final hidden state over the fMRI block) -> readout
             self.align = nn.Linear(hidden, readout_dim)
         self.adapter = nn.ModuleList()  # readout -> residual stream of the top LLM layers (stage 3)
-        if cfg.slot_pooling not in ("softmax", "linear"):
-            raise ValueError(f"slot_pooling must be 'softmax' or 'linear', not {cfg.slot_pooling!r}")
-        self.linear_pool = cfg.slot_pooling == "linear"
         if cfg.fmri_scale not in ("word", "legacy"):
             raise ValueError(f"fmri_scale must be 'word' or 'legacy', not {cfg.fmri_scale!r}")
         # a normalised vector has norm sqrt(hidden): "word" divides it out, so that the slots, the
@@ -102,10 +105,13 @@ class Projector(nn.Module):
     def forward(self, codes: torch.Tensor, roi: torch.Tensor, run_emb: torch.Tensor,
                 readout: torch.Tensor | None = None) -> torch.Tensor:
         """codes (n,R,c), roi (R,d), run_emb (e,), readout (S,) -> (2 + n*M + 1 [+ 1], H):
-        markers, slots, summary [, readout]."""
+        markers, slots, summary [, readout]; ``M`` is R with one position per region."""
         H = self.markers.shape[1]
         parts = [self.markers[:1]]
-        if self.M:
+        if self.per_region:  # one position per region: its features keyed by its coordinates
+            slots = self.code_in(codes) + self.roi_in(roi)[None]  # (n,R,P)
+            parts.append(self.scale * self.unit * self.norm(self.out(slots)).reshape(-1, H))
+        elif self.M:
             r, v = self.roi_in(roi), self.code_in(codes)  # (R,P), (n,R,P)
             if self.linear_pool:  # signed weights from the coordinates alone, variance-preserving over R
                 w = (r @ self.queries.t()).t() / math.sqrt(roi.shape[0])  # (M,R)
@@ -372,14 +378,17 @@ class FMRILM(nn.Module):
 
         With ``include_last`` the logits are (n,R,K): the last row forecasts the patch after the block.
         """
+        per_region = self.projector.per_region
         M = self.cfg.slots_per_patch
         out = []
-        if M == 0:  # no patch positions: nothing to forecast from
+        if M == 0 and not per_region:  # no patch positions: nothing to forecast from
             return out
         for b, j, first, n in built["fmri"]:
             m = n if include_last else n - 1
             if m < 1:
                 continue
+            if per_region:  # a patch has one position per region; its last region's reads the patch
+                M = blocks[j].roi.shape[0]
             last_slots = first + M * torch.arange(1, m + 1, device=h.device) - 1  # last slot of patches 0..m-1
             out.append((j, self.fmri_head(h[b, last_slots].float(), blocks[j].roi.to(h.device), self.codebook)))
         return out

@@ -102,25 +102,27 @@ class Projector(nn.Module):
         self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
         self.scale = nn.Parameter(torch.tensor(float(emb_norm)))  # learned; starts at the word embeddings' norm
 
+    def positions_per_patch(self, n_rois: int) -> int:
+        """LLM positions each time patch of a run with ``n_rois`` ROIs takes (``M``; R per region)."""
+        return n_rois if self.per_region else self.M
+
     def forward(self, codes: torch.Tensor, roi: torch.Tensor, run_emb: torch.Tensor,
                 readout: torch.Tensor | None = None) -> torch.Tensor:
         """codes (n,R,c), roi (R,d), run_emb (e,), readout (S,) -> (2 + n*M + 1 [+ 1], H):
         markers, slots, summary [, readout]; ``M`` is R with one position per region."""
         H = self.markers.shape[1]
         parts = [self.markers[:1]]
-        if self.per_region:  # one position per region: its features keyed by its coordinates
-            slots = self.code_in(codes) + self.roi_in(roi)[None]  # (n,R,P)
-            parts.append(self.scale * self.unit * self.norm(self.out(slots)).reshape(-1, H))
-        elif self.M:
+        if self.positions_per_patch(roi.shape[0]):
             r, v = self.roi_in(roi), self.code_in(codes)  # (R,P), (n,R,P)
-            if self.linear_pool:  # signed weights from the coordinates alone, variance-preserving over R
+            if self.per_region:  # no pooling: each region's features keyed by its coordinates
+                slots = v + r[None]  # (n,R,P)
+            elif self.linear_pool:  # signed weights from the coordinates alone, variance-preserving over R
                 w = (r @ self.queries.t()).t() / math.sqrt(roi.shape[0])  # (M,R)
-                slots = torch.einsum("mr,nrp->nmp", w, v)
+                slots = torch.einsum("mr,nrp->nmp", w, v) + self.slot_pos  # (n,M,P)
             else:
                 k = v + r[None]
                 att = torch.softmax(torch.einsum("nrp,mp->nmr", k, self.queries) / math.sqrt(k.shape[-1]), dim=-1)
-                slots = torch.einsum("nmr,nrp->nmp", att, k)
-            slots = slots + self.slot_pos  # (n,M,P)
+                slots = torch.einsum("nmr,nrp->nmp", att, k) + self.slot_pos  # (n,M,P)
             parts.append(self.scale * self.unit * self.norm(self.out(slots)).reshape(-1, H))
         parts.append(self.scale * self.unit * self.norm(self.summary(run_emb[None])))
         if hasattr(self, "readout_in"):
@@ -378,17 +380,12 @@ class FMRILM(nn.Module):
 
         With ``include_last`` the logits are (n,R,K): the last row forecasts the patch after the block.
         """
-        per_region = self.projector.per_region
-        M = self.cfg.slots_per_patch
         out = []
-        if M == 0 and not per_region:  # no patch positions: nothing to forecast from
-            return out
         for b, j, first, n in built["fmri"]:
             m = n if include_last else n - 1
-            if m < 1:
+            M = self.projector.positions_per_patch(blocks[j].roi.shape[0])
+            if m < 1 or M == 0:  # M == 0: no patch positions, nothing to forecast from
                 continue
-            if per_region:  # a patch has one position per region; its last region's reads the patch
-                M = blocks[j].roi.shape[0]
             last_slots = first + M * torch.arange(1, m + 1, device=h.device) - 1  # last slot of patches 0..m-1
             out.append((j, self.fmri_head(h[b, last_slots].float(), blocks[j].roi.to(h.device), self.codebook)))
         return out

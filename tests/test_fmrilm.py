@@ -704,6 +704,7 @@ def test_cpu_preset_is_the_packaged_default_design():
               if getattr(packaged, f.name) != getattr(preset, f.name)}
     assert set(differ) <= {"pretrain_steps", "instruct_steps"}, differ
     assert preset.w_align == 0.0 and get_config("paper").w_align == 0.0
+    assert preset.w_recon == 0.0 and get_config("paper").w_recon == 0.0
     assert get_config("cpu", w_align=1.0).w_align == 1.0  # the opt-in still reaches the config
 
 
@@ -806,6 +807,52 @@ def test_region_positions(tiny_llm_dir):
     assert logits[0][1].shape == (3, R, 16)
     out["loss"].backward()
     assert proj.code_in.weight.grad.abs().sum() > 0 and proj.roi_in.weight.grad.abs().sum() > 0
+
+
+def test_feature_reconstruction(tiny_llm_dir):
+    """``w_recon``: every fMRI position's final hidden state gives back its window's encoder
+    features through a map affine in the hidden state (so the mean over positions, the written
+    embedding, decodes to the mean reconstruction), keyed by ROI coordinates; the loss reaches
+    LoRA and the projector, and the few-shot objective leaves it out."""
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bids_fmrilm.model.adapters import add_lora, lora_parameters
+    from bids_fmrilm.model.config import get_config
+    from bids_fmrilm.model.fmrilm import FMRILM, FMRIBlock
+    from bids_fmrilm.model.tasks import describe_segments
+
+    llm, tok = AutoModelForCausalLM.from_pretrained(tiny_llm_dir), AutoTokenizer.from_pretrained(tiny_llm_dir)
+    cfg = get_config("tiny", w_recon=1.0)
+    torch.manual_seed(0)
+    fm = FMRILM(add_lora(llm, cfg), tok, torch.randn(16, 8), roi_dim=6, run_dim=5, cfg=cfg)
+    proj = fm.projector
+    assert not hasattr(FMRILM(llm, tok, torch.randn(16, 8), 6, 5, get_config("tiny")).projector, "recon_h")
+    n, R, M = 3, 10, cfg.slots_per_patch
+    feats = torch.randn(n, R, 8) * 2.0 + 1.0
+    blk = FMRIBlock(ids=torch.randint(0, 16, (n, R)), roi=torch.randn(R, 6), run_emb=torch.randn(5), feats=feats)
+    h = torch.randn(7, 32)
+    with torch.no_grad():
+        rec = proj.reconstruct(h, blk.roi)
+        assert rec.shape == (7, R, 8)
+        assert torch.allclose(proj.reconstruct(h.mean(0), blk.roi), rec.mean(0), atol=1e-5)
+        perm = torch.randperm(R)
+        assert torch.allclose(proj.reconstruct(h, blk.roi[perm]), rec[:, perm], atol=1e-5)
+    fm.train()
+    seg = [describe_segments(0, "typical")]
+    out = fm(seg, [blk], ["describe"], {}, 0.0)
+    assert set(out) == {"recon", "loss"} and 0 < float(out["recon"].detach()) < 1e3
+    built = fm.build(seg, [blk])
+    with torch.no_grad():
+        hid = fm.hidden(built)
+        _, _, first, _ = built["fmri"][0]
+        pred = proj.reconstruct(hid[0, first:first + n * M].float().reshape(n, M, -1), blk.roi)
+        want = F.mse_loss(pred, feats[:, None].expand_as(pred)) / feats.var()
+    assert float(out["recon"].detach()) == pytest.approx(float(want), rel=1e-3)  # dropout off in the tiny preset
+    out["loss"].backward()
+    assert proj.recon_h.weight.grad.abs().sum() > 0 and proj.code_in.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_parameters(fm.llm))
+    assert "recon" not in fm(seg, [blk], ["describe"], {}, 0.0, recon_weight=0.0)  # the few-shot call
 
 
 def test_group_level_few_shot_lora(trained, tmp_path):

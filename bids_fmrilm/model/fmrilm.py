@@ -16,6 +16,9 @@ patch, ``H`` LLM hidden size, ``L`` sequence length.
         hidden at text positions --lm_head--> next text token
         mean hidden over the block (the run embedding) --Projector.align--> readout (w_align > 0:
         MSE against the run readout, so the written embedding carries what the readout measures)
+        hidden at each position of patch p --Projector.reconstruct--> patch p's features (R,c)
+        (w_recon > 0: relative MSE; affine in the hidden state, so their mean, the run embedding,
+        keeps the encoder's run representation linearly)
 
 The summary and the readout sit after the patch slots, so causal attention keeps the next-patch
 objective honest (no slot sees a summary of patches that follow it). ``<fmri>``/``</fmri>`` are learned vectors,
@@ -92,6 +95,12 @@ class Projector(nn.Module):
         if readout_dim and cfg.w_align > 0:
             # alignment head: run embedding (mean final hidden state over the fMRI block) -> readout
             self.align = nn.Linear(hidden, readout_dim)
+        if cfg.w_recon > 0:
+            # reconstruction head, bilinear: (hidden state) x (region's coordinate embedding) -> features
+            D = cfg.head_dim
+            self.recon_h = nn.Linear(hidden, D)
+            self.recon_roi = nn.Linear(roi_dim, D)
+            self.recon_out = nn.Linear(D, code_dim, bias=False)
         self.adapter = nn.ModuleList()  # readout -> residual stream of the top LLM layers (stage 3)
         if cfg.fmri_scale not in ("word", "legacy"):
             raise ValueError(f"fmri_scale must be 'word' or 'legacy', not {cfg.fmri_scale!r}")
@@ -130,6 +139,11 @@ class Projector(nn.Module):
                 raise ValueError("this fMRI-LM reads a run readout; the block has none")
             parts.append(self.scale * self.readout_in(readout[None].to(self.markers.dtype)))
         return torch.cat(parts + [self.markers[1:]])
+
+    def reconstruct(self, h: torch.Tensor, roi: torch.Tensor) -> torch.Tensor:
+        """Final hidden states h (..., H) and ROI embeddings (R,d) -> features (..., R, c), affine in h."""
+        g = self.recon_roi(roi)  # (R,D)
+        return torch.einsum("...k,rkc->...rc", self.recon_h(h), g[:, :, None] * self.recon_out.weight.t()[None])
 
     def add_adapter(self, n_layers: int) -> None:
         """Zero-initialised maps readout -> hidden, one per top LLM layer: the model starts exactly
@@ -392,9 +406,10 @@ class FMRILM(nn.Module):
 
     def forward(self, examples: list[list[tuple]], blocks: list[FMRIBlock], kinds: list[str],
                 weights: dict[str, float], fmri_weight: float, max_text_tokens: int | None = None,
-                align_weight: float | None = None) -> dict:
+                align_weight: float | None = None, recon_weight: float | None = None) -> dict:
         """Weighted training loss of a batch. ``kinds[b]`` names example b's objective;
-        ``align_weight`` (default: the config's ``w_align``) weighs the run-embedding alignment."""
+        ``align_weight`` and ``recon_weight`` (default: the config's ``w_align``, ``w_recon``) weigh
+        the run-embedding alignment and the feature reconstruction."""
         built = self.build(examples, blocks, max_text_tokens)
         h = self.hidden(built)
         lp = self.text_logprobs(h, built["targets"])
@@ -427,6 +442,20 @@ class FMRILM(nn.Module):
                 tgt = torch.stack([blocks[built["fmri"][i][1]].readout for i in keep]).to(h.device).float()
                 losses["align"] = F.mse_loss(pred, tgt)
                 total = total + align_weight * losses["align"]
+        recon_weight = self.cfg.w_recon if recon_weight is None else recon_weight
+        if recon_weight > 0 and hasattr(self.projector, "recon_h"):
+            err = []
+            for b, j, first, n in built["fmri"]:
+                roi = blocks[j].roi.to(h.device)
+                M = self.projector.positions_per_patch(roi.shape[0])
+                if M == 0:
+                    continue
+                tgt = self.fmri_input(blocks[j]).float()  # (n,R,c)
+                pred = self.projector.reconstruct(h[b, first:first + n * M].float().reshape(n, M, -1), roi)
+                err.append(F.mse_loss(pred, tgt[:, None].expand_as(pred)) / tgt.var().clamp(min=1e-6))
+            if err:
+                losses["recon"] = torch.stack(err).mean()
+                total = total + recon_weight * losses["recon"]
         losses["loss"] = total
         return losses
 

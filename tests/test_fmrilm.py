@@ -810,7 +810,7 @@ def test_region_positions(tiny_llm_dir):
 
 
 def test_feature_reconstruction(tiny_llm_dir):
-    """``w_recon``: every fMRI position's final hidden state gives back its window's encoder
+    """``w_recon``: every query position's final hidden state gives back its window's encoder
     features through a map affine in the hidden state (so the mean over positions, the written
     embedding, decodes to the mean reconstruction), keyed by ROI coordinates; the loss reaches
     LoRA and the projector, and the few-shot objective leaves it out."""

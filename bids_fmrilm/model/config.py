@@ -37,7 +37,7 @@ class FMRILMConfig:
     readout_components: int = 16  # whitened principal components of the run vector in the readout
     readout_layers: int = 4  # stage 3 adds the readout to the residual stream of this many top layers
     w_align: float = 0.0  # the fMRI positions' mean final hidden state (the run embedding) must predict the readout
-    # every fMRI position's final hidden state must give back its window's encoder features
+    # the final hidden state at every query position of a window must give back that window's encoder features
     # (Projector.reconstruct: affine in the hidden state, each region keyed by its coordinates); off in
     # every preset: at 60 stage-2 steps it did not lift the held-out embedding probe (README, stage-2 arms E, E10)
     w_recon: float = 0.0

@@ -16,9 +16,9 @@ patch, ``H`` LLM hidden size, ``L`` sequence length.
         hidden at text positions --lm_head--> next text token
         mean hidden over the block (the run embedding) --Projector.align--> readout (w_align > 0:
         MSE against the run readout, so the written embedding carries what the readout measures)
-        hidden at each position of patch p --Projector.reconstruct--> patch p's features (R,c)
-        (w_recon > 0: relative MSE; affine in the hidden state, so their mean, the run embedding,
-        keeps the encoder's run representation linearly)
+        hidden at each slot of patch p --Projector.reconstruct--> patch p's features (R,c)
+        (w_recon > 0: relative MSE; the head is affine in the hidden state, so what the slots keep
+        of the features their mean, the run embedding, keeps too)
 
 The summary and the readout sit after the patch slots, so causal attention keeps the next-patch
 objective honest (no slot sees a summary of patches that follow it). ``<fmri>``/``</fmri>`` are learned vectors,

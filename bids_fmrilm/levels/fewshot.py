@@ -342,6 +342,9 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
         if fused:
             fm.calibration = {**(fm.calibration or {}), prompt.task.name: cal}
 
+    # the user's answers only: the alignment and reconstruction (w_align, w_recon) belong to stages 2 and 3
+    answers_only = {"align_weight": 0.0, "recon_weight": 0.0}
+
     def objective(idx, rng=None, per_example: bool = False) -> torch.Tensor:
         blks = [model.block(examples[i][0], rng=rng) for i in idx]
         if fused:  # train the answer as it is scored: calibrated and fused with the readout evidence
@@ -350,10 +353,9 @@ def adapt(checkpoint: str | os.PathLike, examples: Sequence[tuple[PreparedRun, s
             return torch.nn.functional.cross_entropy(z, y, reduction="none" if per_example else "mean")
         if per_example:  # one sequence per example: the text loss is a mean over a batch's tokens
             return torch.stack([fm([instruction_segments(prompt.task, 0, examples[i][1])], [b], ["instruct"],
-                                   {"instruct": 1.0}, 0.0, align_weight=0.0, recon_weight=0.0)["loss"] for i, b in zip(idx, blks)])
+                                   {"instruct": 1.0}, 0.0, **answers_only)["loss"] for i, b in zip(idx, blks)])
         segs = [instruction_segments(prompt.task, j, examples[i][1]) for j, i in enumerate(idx)]
-        # the user's answers only: the alignment and reconstruction (w_align, w_recon) belong to stages 2 and 3
-        return fm(segs, blks, ["instruct"] * len(segs), {"instruct": 1.0}, 0.0, align_weight=0.0, recon_weight=0.0)["loss"]
+        return fm(segs, blks, ["instruct"] * len(segs), {"instruct": 1.0}, 0.0, **answers_only)["loss"]
 
     train_idx, val_idx = validation_split([a for _, a in examples], groups, settings.validation, settings.seed)
     trainable = params

@@ -28,46 +28,26 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import nullcontext
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 
 def _states(checkpoint, output_dir, pids, lora_off: bool) -> tuple[list[str], dict]:
-    import torch
+    """``embedding_probe``'s features of each first run, per-region states as (runs, R, H)."""
+    from embedding_probe import _features
 
-    from bids_fmrilm.levels.fewshot import read_token_runs
-    from bids_fmrilm.model.api import FMRILMModel
-    from bids_fmrilm.model.inference import describe_segments
-
-    meta = json.loads((checkpoint / "fmrilm.json").read_text())
-    runs = read_token_runs(output_dir, pids, checkpoint, meta)
-    keep = [p for p in pids if p in runs and runs[p][0].feats is not None and runs[p][0].run_vec is not None]
-    model = FMRILMModel.load(checkpoint, verify=False)
-    fm = model.fm.eval()
-    backbone, _ = fm._backbone()
-    per_region = bool(fm.projector.per_region)
-    out: dict[str, list] = {k: [] for k in ("embedding", "llm_input", "encoder")}
-    if per_region:
-        out.update(region_input=[], region_final=[])
-    with torch.no_grad(), (fm.llm.disable_adapter() if lora_off else nullcontext()):
-        for p in keep:
-            run = runs[p][0]
-            blk = model.block(run)
-            built = fm.build([describe_segments(0)], [blk])
-            mask, pos = fm.attention(built)
-            with nullcontext() if lora_off else fm.conditioned(built):
-                o = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos,
-                             output_hidden_states=True)
-            out["embedding"].append(fm.run_embeddings(o.last_hidden_state, built)[0].numpy())
-            out["llm_input"].append(fm.run_embeddings(o.hidden_states[0], built)[0].numpy())
-            R, c = blk.roi.shape[0], run.feats.shape[-1]
-            out["encoder"].append(np.asarray(run.run_vec[:, :c], dtype=np.float32))  # (R, c): the weighted mean
-            if per_region:
-                _, _, first, n = built["fmri"][0]
-                for kind, h in (("region_input", o.hidden_states[0]), ("region_final", o.last_hidden_state)):
-                    out[kind].append(h[0, first:first + n * R].float().reshape(n, R, -1).mean(0).numpy())
-    return keep, {k: np.stack(v).astype(np.float32) for k, v in out.items()}
+    keep, f = _features(checkpoint, output_dir, pids, lora_off=lora_off)
+    if "encoder" not in f:
+        raise SystemExit(f"{checkpoint}: a run has no encoder features (a checkpoint that reads codebook vectors?)")
+    N, R = f["encoder"].shape[:2]
+    s = {k: f[k].astype(np.float32) for k in ("embedding", "llm_input", "encoder")}
+    for kind in ("region_input", "region_embedding"):
+        if kind in f:
+            s[kind] = f[kind].reshape(N, R, -1).astype(np.float32)
+    return keep, s
 
 
 def _head(x_train: np.ndarray, t_train: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -84,8 +64,6 @@ def _head(x_train: np.ndarray, t_train: np.ndarray, x: np.ndarray) -> np.ndarray
 
 def main(output_dir: str, participants_tsv: str, checkpoint: str, heldout: str, n_train: int = 0,
          lora_off: bool = False, labels=("diagnosis", "sex"), n_boot: int = 500, seed: int = 0) -> dict:
-    from pathlib import Path
-
     import pandas as pd
 
     from bids_fmrilm.levels.crossval import fc_features, linear_baseline, make_folds, out_of_fold, within_fold_auroc
@@ -114,11 +92,12 @@ def main(output_dir: str, participants_tsv: str, checkpoint: str, heldout: str, 
         kinds[kind] = s[kind][te]
         pred = _head(s[kind][tr], flat[tr], s[kind][te])
         kinds[f"{kind}_head"], out["encoder_r2"][kind] = pred, r2(pred)
-    for kind in ("region_input", "region_final"):  # each region's state -> its own features, one shared head
+    for kind in ("region_input", "region_embedding"):  # each region's state -> its own features, one shared head
         if kind in s:
             x = s[kind]
-            pred = _head(x[tr].reshape(-1, x.shape[-1]), enc[tr].reshape(-1, c), x[te].reshape(-1, x.shape[-1]))
-            kinds[f"{kind}_head"], out["encoder_r2"][kind] = pred.reshape(te.sum(), -1), r2(pred.reshape(te.sum(), -1))
+            pred = _head(x[tr].reshape(-1, x.shape[-1]), enc[tr].reshape(-1, c),
+                         x[te].reshape(-1, x.shape[-1])).reshape(te.sum(), -1)
+            kinds[f"{kind}_head"], out["encoder_r2"][kind] = pred, r2(pred)
     hp = [p for p in keep if p in held]
     series = {p: sorted(Path(output_dir).glob(f"sub-{p}/**/func/*_timeseries.tsv.gz")) for p in hp}
     kinds["fc"] = np.stack([fc_features(series[p]) for p in hp])

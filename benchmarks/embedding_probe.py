@@ -30,7 +30,13 @@ import sys
 import numpy as np
 
 
-def _features(checkpoint, output_dir, pids, layers: bool = False) -> tuple[list[str], dict]:
+def _features(checkpoint, output_dir, pids, layers: bool = False, lora_off: bool = False) -> tuple[list[str], dict]:
+    """Hidden-state features of every participant's first run (see the module docstring); also the
+    run's encoder representation (``encoder``: regions x features, the weighted mean over windows
+    that information gate 1 probes) when the run has one. ``lora_off`` switches the checkpoint's
+    LoRA and readout adapter off (the base LLM reading the same projector output)."""
+    from contextlib import nullcontext
+
     import torch
 
     from bids_fmrilm.levels.fewshot import read_token_runs
@@ -43,14 +49,17 @@ def _features(checkpoint, output_dir, pids, layers: bool = False) -> tuple[list[
     model = FMRILMModel.load(checkpoint, verify=False)
     fm = model.fm.eval()
     backbone, _ = fm._backbone()
-    emb, l0, by_layer, at_readout, norms, last, regions = [], [], [], [], [], [], []
+    emb, l0, by_layer, at_readout, norms, last, regions, enc = [], [], [], [], [], [], [], []
     word = float(fm.llm.get_input_embeddings().weight.detach().float().norm(dim=1).mean())
-    with torch.no_grad():
+    with torch.no_grad(), (fm.llm.disable_adapter() if lora_off else nullcontext()):
         for p in keep:
-            blk = model.block(runs[p][0])
+            run = runs[p][0]
+            blk = model.block(run)
+            if run.feats is not None and run.run_vec is not None:  # run_vec's leading columns: the weighted mean
+                enc.append(np.asarray(run.run_vec[:, :run.feats.shape[-1]], dtype=np.float32))
             built = fm.build([describe_segments(0)], [blk])
             mask, pos = fm.attention(built)
-            with fm.conditioned(built):
+            with nullcontext() if lora_off else fm.conditioned(built):
                 o = backbone(inputs_embeds=built["embeds"], attention_mask=mask, position_ids=pos,
                              output_hidden_states=True)
             emb.append(fm.run_embeddings(o.last_hidden_state, built)[0].numpy())
@@ -71,6 +80,8 @@ def _features(checkpoint, output_dir, pids, layers: bool = False) -> tuple[list[
          "fmri_to_word_norm": round(float(np.mean(norms)) / word, 2)}
     if regions:
         f["region_input"], f["region_embedding"] = (np.stack([r[i] for r in regions]) for i in (0, 1))
+    if len(enc) == len(keep):
+        f["encoder"] = np.stack(enc)  # (runs, R, c)
     if layers:  # hidden_states[1:-1]: after decoder layers 1 .. n-1 (the last is the embedding itself)
         f["layers"] = np.stack(by_layer)  # (runs, layers, H)
         if at_readout:
